@@ -1,0 +1,75 @@
+"""Errors as RFC 9457 `application/problem+json` for the API, plain pages for the browser."""
+
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import errors
+
+STATUS_FOR_ERROR: list[tuple[type[errors.PapcadError], int]] = [
+    (errors.ImageTooLargeError, 413),
+    (errors.InvalidImageError, 422),
+    (errors.InputError, 422),
+    (errors.NotFoundError, 404),
+    (errors.PermissionDeniedError, 403),
+    (errors.AuthenticationError, 401),
+    (errors.ConflictError, 409),
+]
+
+
+def status_for(exc: errors.PapcadError) -> int:
+    return next((status for kind, status in STATUS_FOR_ERROR if isinstance(exc, kind)), 400)
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
+
+
+def _wants_html(request: Request) -> bool:
+    return not request.url.path.startswith(("/api/", "/healthz", "/readyz", "/docs", "/openapi"))
+
+
+def _respond(request: Request, status: int, detail: str, headers: dict[str, str] | None = None, **extra) -> Response:
+    if _wants_html(request):
+        if status == 401:
+            return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+        templates = request.app.state.templates
+        return templates.TemplateResponse(
+            request,
+            "error.html",
+            {"status": status, "title": HTTPStatus(status).phrase, "detail": detail},
+            status_code=status,
+        )
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="papcad"'}
+    return problem(status, detail, headers, **extra)
+
+
+def _field_errors(exc: RequestValidationError) -> list[dict]:
+    return [
+        {
+            "field": ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "header", "path")),
+            "message": err["msg"],
+        }
+        for err in exc.errors()
+    ]
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(errors.PapcadError)
+    async def _domain(request: Request, exc: errors.PapcadError):
+        return _respond(request, status_for(exc), str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _respond(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        fields = _field_errors(exc)
+        detail = "; ".join(f"{f['field'] or 'request'}: {f['message']}" for f in fields)
+        return _respond(request, 422, f"invalid request: {detail}", errors=fields)

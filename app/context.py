@@ -1,0 +1,50 @@
+"""What a running server holds: settings, database, classifier and image store."""
+
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db.migrate import upgrade_to_head
+from app.db.session import make_engine, make_session_factory
+from app.ml.classifier import Classifier
+from app.services.images import ImageStore
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    classifier: Classifier
+    images: ImageStore
+
+    @classmethod
+    def start(cls, settings: Settings, classifier: Classifier | None = None) -> "AppContext":
+        """Create folders, migrate the database to head, load (and verify) the model."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.image_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.effective_database_url
+        upgrade_to_head(url)
+        engine = make_engine(url)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=make_session_factory(engine),
+            classifier=classifier or Classifier.load(settings.model_dir),
+            images=ImageStore(settings.image_dir),
+        )
+
+
+def session_secret(settings: Settings) -> str:
+    """The configured secret, or one generated once and kept (mode 600) in the data directory."""
+    if settings.secret_key:
+        return settings.secret_key
+    path = settings.data_dir / "secret_key"
+    if not path.exists():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()

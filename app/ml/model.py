@@ -1,0 +1,139 @@
+"""The network: Keras ResNet50 backbone + global average pooling + dropout 0.5 + softmax head.
+
+Backbone weights come from one of three places (see `BackboneWeights`): none (random
+initialisation, what our offline build machines train from), Keras' own ImageNet download,
+or a local copy of Keras' ImageNet file verified against its published MD5 before use.
+"""
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Keep TensorFlow's C++ start-up chatter out of CLI output and server logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from app.errors import ChecksumError  # noqa: E402
+
+# The file Keras downloads for ResNet50(include_top=False, weights="imagenet").
+IMAGENET_NOTOP_FILENAME = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
+
+# Caffe-style ImageNet means (BGR order), as in keras.applications.resnet50.preprocess_input.
+_BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+@dataclass(frozen=True)
+class BackboneWeights:
+    """Where the backbone's starting weights come from.
+
+    source: "none" (random init), "imagenet" (Keras download/cache) or "file".
+    """
+
+    source: str = "none"
+    path: Path | None = None
+    md5: str = IMAGENET_NOTOP_MD5
+
+    def describe(self) -> dict:
+        if self.source == "file":
+            return {"source": "file", "file": Path(self.path).name, "md5": self.md5}
+        return {"source": self.source}
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_md5(path: Path, expected: str) -> None:
+    """Raise ChecksumError unless the file exists and has the expected MD5."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChecksumError(f"backbone weights file not found: {path}")
+    actual = file_md5(path)
+    if actual != expected.lower():
+        raise ChecksumError(
+            f"backbone weights file {path.name} has MD5 {actual}, expected {expected}; "
+            "it is not the official Keras ResNet50 ImageNet (no-top) file, or it is damaged"
+        )
+
+
+@keras.saving.register_keras_serializable(package="papcad")
+class ResNetPreprocess(keras.layers.Layer):
+    """ResNet50's own input normalisation (RGB->BGR, subtract ImageNet means), in the graph.
+
+    Holding it in the network means every caller feeds the same plain 0-255 RGB pixels.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, inputs):
+        bgr = keras.ops.flip(keras.ops.cast(inputs, self.compute_dtype), axis=-1)
+        return bgr - keras.ops.convert_to_tensor(_BGR_MEANS, dtype=self.compute_dtype)
+
+
+def build_backbone(image_size: int, weights: BackboneWeights) -> keras.Model:
+    shape = (image_size, image_size, 3)
+    if weights.source == "imagenet":
+        return keras.applications.ResNet50(include_top=False, weights="imagenet", input_shape=shape)
+    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=shape)
+    if weights.source == "file":
+        verify_md5(weights.path, weights.md5)
+        backbone.load_weights(str(weights.path))
+    elif weights.source != "none":
+        raise ValueError(f"unknown backbone weights source {weights.source!r}")
+    return backbone
+
+
+def build_model(
+    image_size: int,
+    num_classes: int = 7,
+    weights: BackboneWeights = BackboneWeights(),
+    freeze_backbone: bool = False,
+    dropout: float = 0.5,
+) -> keras.Model:
+    """ResNet50 -> GlobalAveragePooling -> Dropout -> Dense(softmax), fed 0-255 RGB pixels."""
+    backbone = build_backbone(image_size, weights)
+    backbone.trainable = not freeze_backbone
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    x = ResNetPreprocess(name="resnet_preprocess")(inputs)
+    x = backbone(x, training=False if freeze_backbone else None)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    # Softmax in float32 even under mixed precision, for stable probabilities.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="head")(x)
+    return keras.Model(inputs, outputs, name="papcad_resnet50")
+
+
+def count_params(model: keras.Model) -> tuple[int, int]:
+    """(trainable, non-trainable) parameter counts."""
+    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    frozen = sum(int(np.prod(v.shape)) for v in model.non_trainable_weights)
+    return trainable, frozen
+
+
+def save_weights(model: keras.Model, path: Path) -> None:
+    """Store every variable as float16, keyed by its path: half the size of float32, same calls."""
+    arrays = {v.path: np.asarray(v.numpy(), dtype=np.float16) for v in model.weights}
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def load_weights(model: keras.Model, path: Path) -> None:
+    """Load weights written by `save_weights`; the variable names must match exactly."""
+    with np.load(path) as stored:
+        names = {v.path for v in model.weights}
+        if set(stored.files) != names:
+            missing = sorted(names - set(stored.files))[:3]
+            extra = sorted(set(stored.files) - names)[:3]
+            raise ValueError(f"weights do not fit the network (missing {missing}, unexpected {extra})")
+        for variable in model.weights:
+            variable.assign(stored[variable.path].astype(variable.dtype))

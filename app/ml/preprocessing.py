@@ -1,0 +1,101 @@
+"""The one preprocessing path from a cell image (file bytes or PIL image) to network input.
+
+Training, evaluation and serving all call `prepare_image`; the network itself holds the
+pixel normalisation (see `model.py`), so what leaves this module is plain RGB pixels.
+"""
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from app.errors import InvalidImageError
+
+FitMode = Literal["resize", "pad"]
+
+# A Herlev crop is at most 768 px wide; anything far beyond a single cell is refused early.
+MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a variable-size crop becomes a square network input.
+
+    resize: stretch the crop to size x size (hides absolute cell size, keeps detail).
+    pad:    put the crop at true scale on a canvas x canvas field filled with the crop's
+            border colour (keeps cell size, which is diagnostic), then scale to size x size.
+            A crop larger than the canvas is shrunk to fit.
+    """
+
+    size: int = 128
+    fit: FitMode = "resize"
+    canvas: int = 256
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "fit": self.fit, "canvas": self.canvas}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InputSpec":
+        return cls(size=int(data["size"]), fit=data["fit"], canvas=int(data.get("canvas", 256)))
+
+
+def decode_image(data: bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode and fully load an image as RGB, or raise InvalidImageError with a clear reason."""
+    if isinstance(data, Image.Image):
+        image = data
+    else:
+        if not data:
+            raise InvalidImageError("the file is empty")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise InvalidImageError(
+                        f"the image is {width}x{height} pixels; at most {max_pixels:,} are accepted"
+                    )
+                image.load()
+        except InvalidImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InvalidImageError(f"the image has too many pixels ({exc})") from exc
+        except UnidentifiedImageError as exc:
+            raise InvalidImageError("the file is not an image Pillow can read") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InvalidImageError(f"the image is damaged or truncated ({exc})") from exc
+    if image.width < 1 or image.height < 1:
+        raise InvalidImageError("the image has no pixels")
+    return image.convert("RGB")
+
+
+def _border_colour(pixels: np.ndarray) -> tuple[int, int, int]:
+    """Median colour of the crop's outer ring: the slide background around the cell."""
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return tuple(int(v) for v in np.median(ring, axis=0))
+
+
+def prepare_image(data: bytes | Image.Image, spec: InputSpec) -> np.ndarray:
+    """Cell image -> uint8 array (size, size, 3), ready to feed the network."""
+    image = decode_image(data)
+    if spec.fit == "resize":
+        fitted = image.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    elif spec.fit == "pad":
+        if max(image.size) > spec.canvas:
+            image = image.copy()
+            image.thumbnail((spec.canvas, spec.canvas), Image.Resampling.BILINEAR)
+        background = _border_colour(np.asarray(image))
+        canvas = Image.new("RGB", (spec.canvas, spec.canvas), background)
+        canvas.paste(image, ((spec.canvas - image.width) // 2, (spec.canvas - image.height) // 2))
+        fitted = canvas.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    else:
+        raise ValueError(f"unknown fit mode {spec.fit!r}")
+    return np.asarray(fitted, dtype=np.uint8)
+
+
+def prepare_batch(images: list[bytes | Image.Image], spec: InputSpec) -> np.ndarray:
+    """Stack prepared images into a (n, size, size, 3) uint8 batch."""
+    return np.stack([prepare_image(image, spec) for image in images])

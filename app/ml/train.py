@@ -1,0 +1,210 @@
+"""Train a model from a labelled folder and write a versioned, evaluated model directory.
+
+split (by group) -> load pixels -> augment -> fit -> save float16 weights + card -> evaluate
+"""
+
+import contextlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from app.ml.artifact import WEIGHTS_FILE, sha256_file, write_card
+from app.ml.classes import ABNORMAL_CLASSES, BETHESDA_HINT, CLASS_NAMES, NORMAL_CLASSES
+from app.ml.data import Dataset, fixed_split, grouped_folds, load_arrays
+from app.ml.evaluation import compute_metrics, plot_history
+from app.ml.inference import Predictor
+from app.ml.model import build_model, count_params, save_weights
+from app.ml.recipes import Recipe
+
+
+def augmentation(kind: str) -> keras.Sequential:
+    """Random views of a cell. Cells have no orientation, so the 'cell' kind flips and turns freely."""
+    if kind == "published":
+        layers = [
+            keras.layers.RandomRotation(20 / 360, fill_mode="nearest"),
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest"),
+            keras.layers.RandomZoom(0.1, fill_mode="nearest"),
+            keras.layers.RandomFlip("horizontal"),
+        ]
+    elif kind == "cell":
+        layers = [
+            keras.layers.RandomFlip("horizontal_and_vertical"),
+            keras.layers.RandomRotation(0.5, fill_mode="reflect"),
+            keras.layers.RandomZoom(0.1, fill_mode="reflect"),
+            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="reflect"),
+            keras.layers.RandomContrast(0.1, value_range=(0, 255)),
+            keras.layers.RandomBrightness(0.1, value_range=(0, 255)),
+        ]
+    else:
+        raise ValueError(f"unknown augmentation {kind!r}")
+    return keras.Sequential(layers, name=f"{kind}_augmentation")
+
+
+def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe) -> tf.data.Dataset:
+    augment = augmentation(recipe.augmentation)
+    onehot = keras.utils.to_categorical(y, len(CLASS_NAMES))
+    return (
+        tf.data.Dataset.from_tensor_slices((x, onehot))
+        .shuffle(len(x), seed=recipe.seed, reshuffle_each_iteration=True)
+        .batch(recipe.batch_size)
+        .map(
+            lambda images, labels: (augment(tf.cast(images, tf.float32), training=True), labels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def optimizer(recipe: Recipe, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    rate = recipe.learning_rate
+    if recipe.schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if recipe.warmup_epochs else recipe.learning_rate,
+            decay_steps=max(1, (recipe.epochs - recipe.warmup_epochs) * steps_per_epoch),
+            warmup_target=recipe.learning_rate if recipe.warmup_epochs else None,
+            warmup_steps=recipe.warmup_epochs * steps_per_epoch,
+        )
+    if recipe.optimizer == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=recipe.weight_decay)
+    return keras.optimizers.Adam(rate)
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Build layers under a dtype policy without leaking it to later code (e.g. serving)."""
+    previous = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def fit(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    recipe: Recipe,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    verbose: int = 2,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Build the network for the recipe and train it; returns (model, per-epoch history)."""
+    keras.utils.set_random_seed(recipe.seed)
+    with dtype_policy("mixed_bfloat16" if recipe.mixed_precision else "float32"):
+        model = build_model(
+            recipe.input.size,
+            num_classes=len(CLASS_NAMES),
+            weights=recipe.backbone,
+            freeze_backbone=recipe.freeze_backbone,
+            dropout=recipe.dropout,
+        )
+    steps = int(np.ceil(len(x_train) / recipe.batch_size))
+    model.compile(
+        optimizer=optimizer(recipe, steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
+        metrics=["accuracy"],
+    )
+    val_data = None
+    if validation is not None:
+        x_val, y_val = validation
+        val_data = (x_val.astype(np.float32), keras.utils.to_categorical(y_val, len(CLASS_NAMES)))
+    history = model.fit(
+        training_dataset(x_train, y_train, recipe),
+        validation_data=val_data,
+        epochs=recipe.epochs,
+        verbose=verbose,
+    )
+    return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def train(dataset: Dataset, recipe: Recipe, out_dir: Path, version: str) -> dict:
+    """Train on the fixed grouped split and write the model directory; returns the model card."""
+    from app.ml.evaluate import evaluate_model_dir  # evaluation reloads what was written
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = fixed_split(dataset, recipe.seed, val_folds=recipe.val_folds)
+    x, y = load_arrays(dataset, recipe.input)
+    watched = split.val if len(split.val) else split.test
+    started = datetime.now(UTC)
+    model, history = fit(x[split.train], y[split.train], recipe, validation=(x[watched], y[watched]))
+    minutes = (datetime.now(UTC) - started).total_seconds() / 60
+
+    save_weights(model, out_dir / WEIGHTS_FILE)
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    plot_history(history, out_dir / "training_curves.png")
+    trainable, frozen = count_params(model)
+    card = {
+        "version": version,
+        "created_at": started.isoformat(timespec="seconds"),
+        "intended_use": (
+            "Decision support for cytology staff reviewing single-cell Pap-smear images. "
+            "Every result is a model's suggestion that a qualified person must confirm. "
+            "Not validated for clinical use."
+        ),
+        "architecture": "Keras ResNet50 (include_top=False) -> GlobalAveragePooling -> Dropout -> Dense softmax",
+        "parameters": {"trainable": trainable, "non_trainable": frozen},
+        "class_names": list(CLASS_NAMES),
+        "normal_classes": [c for c in CLASS_NAMES if c in NORMAL_CLASSES],
+        "abnormal_classes": [c for c in CLASS_NAMES if c in ABNORMAL_CLASSES],
+        "bethesda_hint": BETHESDA_HINT,
+        "input": {
+            **recipe.input.to_dict(),
+            "pixels": "RGB 0-255; ResNet50 caffe normalisation (BGR, ImageNet means) inside the network",
+            "function": "app.ml.preprocessing.prepare_image",
+        },
+        "tta": recipe.tta,
+        "backbone": recipe.backbone.describe(),
+        "recipe": recipe.to_dict(),
+        "data": {
+            "root_name": dataset.root.name,
+            "images": len(dataset.samples),
+            "fingerprint_sha256": dataset.fingerprint(),
+            "split": {
+                "method": "StratifiedGroupKFold by group_prefix; fold 0 of 5 = test, fold 0 of "
+                f"{recipe.val_folds} of the rest = validation",
+                "seed": recipe.seed,
+                "val_folds": recipe.val_folds,
+                "train": len(split.train),
+                "val": len(split.val),
+                "test": len(split.test),
+            },
+        },
+        "training": {
+            "minutes": round(minutes, 1),
+            "final_epoch": {k: v[-1] for k, v in history.items()},
+        },
+        "weights_file": WEIGHTS_FILE,
+        "weights_dtype": "float16",
+        "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE),
+    }
+    write_card(out_dir, card)
+    return evaluate_model_dir(out_dir, dataset)
+
+
+def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> dict:
+    """Grouped, stratified k-fold CV: train on k-1 folds, score the held-out fold, k times."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x, y = load_arrays(dataset, recipe.input)
+    folds = []
+    for index, (train_idx, test_idx) in enumerate(grouped_folds(dataset, k, recipe.seed)):
+        print(f"fold {index + 1}/{k}: {len(train_idx)} train, {len(test_idx)} held out", flush=True)
+        model, _ = fit(x[train_idx], y[train_idx], recipe)
+        probs = Predictor(model, tta=recipe.tta)(x[test_idx])
+        folds.append(compute_metrics(y[test_idx], probs))
+    summary = {}
+    for name, pick in {
+        "accuracy_7class": lambda m: m["multiclass"]["accuracy"],
+        "macro_f1": lambda m: m["multiclass"]["macro_f1"],
+        "binary_accuracy": lambda m: m["binary"]["accuracy"],
+        "binary_roc_auc": lambda m: m["binary"]["roc_auc"],
+    }.items():
+        values = np.array([pick(m) for m in folds], dtype=float)
+        summary[name] = {"mean": float(values.mean()), "std": float(values.std()), "folds": values.tolist()}
+    result = {"k": k, "recipe": recipe.to_dict(), "summary": summary, "folds": folds}
+    (out_dir / "cv_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,1 @@
+"""Browser pages: sign-in, upload, result and review, administration."""
