@@ -1,16 +1,20 @@
 """What a running server holds: settings, database, classifier and image store."""
 
+import logging
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.migrate import upgrade_to_head
+from app.db.models import User
 from app.db.session import make_engine, make_session_factory
 from app.ml.classifier import Classifier
 from app.services.images import ImageStore
+
+log = logging.getLogger("papcad")
 
 
 @dataclass
@@ -29,10 +33,16 @@ class AppContext:
         url = settings.effective_database_url
         upgrade_to_head(url)
         engine = make_engine(url)
+        sessions = make_session_factory(engine)
+        with sessions() as session:
+            if not session.scalar(select(func.count()).select_from(User)):
+                log.warning(
+                    "No users yet. Create the first administrator: papcad user create --username admin --role admin"
+                )
         return cls(
             settings=settings,
             engine=engine,
-            sessions=make_session_factory(engine),
+            sessions=sessions,
             classifier=classifier or Classifier.load(settings.model_dir),
             images=ImageStore(settings.image_dir),
         )

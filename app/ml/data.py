@@ -103,7 +103,13 @@ def grouped_folds(dataset: Dataset, k: int, seed: int) -> list[tuple[np.ndarray,
     """k grouped, class-stratified folds: (train indices, held-out indices) for each."""
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     indices = np.arange(len(dataset.samples))
-    return list(splitter.split(indices, dataset.labels, dataset.groups))
+    try:
+        return list(splitter.split(indices, dataset.labels, dataset.groups))
+    except ValueError as exc:  # scikit-learn: fewer groups, or members per class, than folds
+        raise DatasetError(
+            f"{len(indices)} images in {len(set(dataset.groups))} groups are too few for a grouped {k}-fold "
+            f"split ({exc}); add images from more groups to every class"
+        ) from exc
 
 
 def fixed_split(dataset: Dataset, seed: int, test_folds: int = 5, val_folds: int = 8) -> Split:
