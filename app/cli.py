@@ -139,6 +139,35 @@ def serve(
 
 
 @cli.command()
+def worker(
+    name: Annotated[str | None, typer.Option(help="Worker name in logs and leases; default host:pid.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Items claimed and classified per round.")] = None,
+    lease_seconds: Annotated[int | None, typer.Option(help="Seconds before another worker may take over.")] = None,
+) -> None:
+    """Classify queued batch items until stopped (run any number, on any number of machines)."""
+    import logging
+
+    from app.config import get_settings
+    from app.db.migrate import upgrade_to_head
+    from app.db.session import make_engine, make_session_factory
+    from app.ml.classifier import Classifier
+    from app.services.images import ImageStore
+    from app.worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    overrides = {"worker_batch_size": batch_size, "worker_lease_seconds": lease_seconds}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    upgrade_to_head(settings.effective_database_url)
+    try:
+        classifier = Classifier.load(settings.model_dir)
+    except PapcadError as exc:
+        fail(str(exc))
+    sessions = make_session_factory(make_engine(settings.effective_database_url))
+    Worker(sessions, classifier, ImageStore(settings.image_dir), settings, name=name).run_forever()
+
+
+@cli.command()
 def migrate() -> None:
     """Bring the configured database to the newest schema."""
     from app.config import get_settings

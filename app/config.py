@@ -28,6 +28,24 @@ class Settings(BaseSettings):
     cookie_secure: bool = Field(default=False, description="Send the session cookie over HTTPS only.")
     session_max_age_seconds: int = 8 * 3600
 
+    # Batches
+    max_batch_items: int = 5000
+    max_archive_expanded_bytes: int = 1024 * 1024 * 1024
+    embedded_worker: bool | None = Field(
+        default=None, description="Classify batches inside the server; default: on for SQLite, off otherwise."
+    )
+    worker_batch_size: int = 32
+    worker_lease_seconds: int = 120
+    worker_max_attempts: int = 3
+    qc_share: float = Field(default=0.05, ge=0, le=1, description="Share of confident normal calls sent to QC.")
+    qc_max_abnormal_probability: float = Field(default=0.1, ge=0, le=1)
+
+    @property
+    def runs_embedded_worker(self) -> bool:
+        if self.embedded_worker is not None:
+            return self.embedded_worker
+        return self.effective_database_url.startswith("sqlite")
+
     @property
     def image_dir(self) -> Path:
         return self.data_dir / "images"

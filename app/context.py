@@ -13,6 +13,7 @@ from app.db.models import User
 from app.db.session import make_engine, make_session_factory
 from app.ml.classifier import Classifier
 from app.services.images import ImageStore
+from app.worker import Worker
 
 log = logging.getLogger("papcad")
 
@@ -24,6 +25,7 @@ class AppContext:
     sessions: sessionmaker[Session]
     classifier: Classifier
     images: ImageStore
+    worker: Worker | None = None
 
     @classmethod
     def start(cls, settings: Settings, classifier: Classifier | None = None) -> "AppContext":
@@ -39,13 +41,27 @@ class AppContext:
                 log.warning(
                     "No users yet. Create the first administrator: papcad user create --username admin --role admin"
                 )
-        return cls(
+        context = cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
             classifier=classifier or Classifier.load(settings.model_dir),
             images=ImageStore(settings.image_dir),
         )
+        if settings.runs_embedded_worker:
+            context.worker = Worker(sessions, context.classifier, context.images, settings, name="embedded")
+            context.worker.start_thread()
+        return context
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        self.engine.dispose()
+
+    def work_arrived(self) -> None:
+        """Wake the embedded worker (external workers poll the database)."""
+        if self.worker is not None:
+            self.worker.wake()
 
 
 def session_secret(settings: Settings) -> str:

@@ -8,10 +8,11 @@ from fastapi.templating import Jinja2Templates
 from starlette.middleware.sessions import SessionMiddleware
 
 from app import __version__
-from app.api import health, predictions, problems
+from app.api import batches, health, predictions, problems
 from app.config import Settings, get_settings
 from app.context import AppContext, session_secret
 from app.ml.classifier import Classifier
+from app.web import batches as web_batches
 from app.web import routes as web
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -25,7 +26,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     async def lifespan(app: FastAPI):
         app.state.context = AppContext.start(settings, classifier)
         yield
-        app.state.context.engine.dispose()
+        app.state.context.stop()
 
     app = FastAPI(
         title="PapCAD",
@@ -46,5 +47,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     problems.install(app)
     app.include_router(health.router)
     app.include_router(predictions.router)
+    app.include_router(batches.router)
     app.include_router(web.router)
+    app.include_router(web_batches.router)
     return app

@@ -98,3 +98,40 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
+
+
+class BatchCounts(BaseModel):
+    total: int
+    queued: int
+    processing: int
+    classified: int
+    failed: int
+    reviewed: int
+
+
+class BatchOut(BaseModel):
+    id: int
+    name: str | None
+    accession_id: str | None
+    status: Literal["processing", "done"]
+    progress: float = Field(description="Share of items classified or failed, 0-1.")
+    counts: BatchCounts
+    created_at: datetime
+
+
+class BatchItemOut(BaseModel):
+    id: int
+    position: int
+    file_name: str
+    status: str
+    error: str | None
+    qc_sample: bool
+    uncertainty: float | None = Field(description="1 - |2 P(abnormal) - 1|: 1 = coin flip, 0 = sure.")
+    prediction: PredictionOut | None
+
+
+class BatchItemPage(BaseModel):
+    items: list[BatchItemOut]
+    total: int
+    limit: int
+    offset: int

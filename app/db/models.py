@@ -137,3 +137,43 @@ class AuditEvent(Base):
     entity_type: Mapped[str | None] = mapped_column(String(32))
     entity_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict | None] = mapped_column(JSON)
+
+
+class Batch(Base):
+    """Many cells submitted together (e.g. one slide), classified in the background."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+    accession_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    api_client_id: Mapped[int | None] = mapped_column(ForeignKey("api_clients.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    user: Mapped[User | None] = relationship(lazy="joined")
+    api_client: Mapped[ApiClient | None] = relationship(lazy="joined")
+
+
+class BatchItem(Base):
+    """One cell of a batch: queued -> processing (leased to a worker) -> classified | failed."""
+
+    __tablename__ = "batch_items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    filename: Mapped[str] = mapped_column(String(255))
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    lease_token: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"), unique=True)
+    qc_sample: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    image: Mapped[StoredImage | None] = relationship(lazy="joined")
+    prediction: Mapped[Prediction | None] = relationship(lazy="joined")

@@ -114,8 +114,6 @@ def test_pathologist_uploads_reads_and_overrides(page, live_server, herlev_image
     predicted = page.locator("#probabilities li.top").get_attribute("data-class")
     assert predicted == CLASS_NAMES[max(range(len(raw)), key=raw.__getitem__)]
 
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-
     # Override with another class.
     chosen = next(name for name in ("carcinoma_in_situ", "normal_intermediate") if name != predicted)
     page.select_option("#override-label", chosen)
@@ -131,6 +129,7 @@ def test_pathologist_uploads_reads_and_overrides(page, live_server, herlev_image
     expect(row).to_contain_text(CLASS_LABELS[chosen])
     expect(page.locator("#final-label")).to_contain_text(CLASS_LABELS[chosen])
     expect(page.locator("#predicted-class")).to_have_text(CLASS_LABELS[predicted])
+    page.screenshot(path=str(SCREENSHOT), full_page=True)  # for a person to look at; not in the repository
 
     # The REST view: the model's call is kept, the override is a separate review.
     with live_server.client() as client:

@@ -1,0 +1,289 @@
+"""Batch intake, progress, the ranked review queue and CSV export.
+
+Intake is all-or-nothing for the batch as a whole (a refused archive stores nothing), while a
+bad file inside an accepted batch only fails its own item, with the reason.
+"""
+
+import csv
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db.models import Batch, BatchItem, Prediction
+from app.errors import InputError, InvalidImageError, NotFoundError
+from app.ml.classes import CLASS_NAMES
+from app.services import audit
+from app.services.actors import Actor
+from app.services.images import ImageStore, check_image
+from app.services.predictions import final_label, validate_accession_id
+
+QUEUED, PROCESSING, CLASSIFIED, FAILED = "queued", "processing", "classified", "failed"
+ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
+ARCHIVE_MAGIC = (b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!", b"BZh", b"\xfd7zXZ")
+
+
+@dataclass(frozen=True)
+class IncomingFile:
+    filename: str
+    data: bytes
+
+
+def _is_ignorable(name: str) -> bool:
+    """Folders and the metadata files desktop zip tools add."""
+    parts = PurePosixPath(name).parts
+    return name.endswith("/") or any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def files_from_zip(data: bytes, settings: Settings) -> list[IncomingFile]:
+    """The files of an archive, or InputError for one that must be refused as a whole."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise InputError("the archive is not a valid zip file") from exc
+    files: list[IncomingFile] = []
+    expanded = 0
+    with archive:
+        for info in archive.infolist():
+            name = info.filename
+            path = PurePosixPath(name.replace("\\", "/"))
+            if path.is_absolute() or ".." in path.parts or ":" in name:
+                raise InputError(f"the archive is refused: unsafe path {name!r}")
+            if _is_ignorable(name):
+                continue
+            if path.suffix.lower() in ARCHIVE_SUFFIXES:
+                raise InputError(f"the archive is refused: it contains another archive ({name})")
+            expanded += info.file_size
+            if expanded > settings.max_archive_expanded_bytes:
+                raise InputError(
+                    f"the archive is refused: it expands to more than {settings.max_archive_expanded_bytes:,} bytes"
+                )
+            if len(files) >= settings.max_batch_items:
+                raise InputError(f"the archive is refused: more than {settings.max_batch_items} files")
+            with archive.open(info) as member:
+                # Never trust the declared size: read at most what is still allowed, plus one byte.
+                content = member.read(settings.max_archive_expanded_bytes - expanded + info.file_size + 1)
+            if len(content) > info.file_size:
+                raise InputError(f"the archive is refused: {name} is larger than its header says")
+            if content.startswith(ARCHIVE_MAGIC):
+                raise InputError(f"the archive is refused: it contains another archive ({name})")
+            files.append(IncomingFile(path.name, content))
+    if not files:
+        raise InputError("the archive holds no files")
+    return files
+
+
+def create_batch(
+    factory: sessionmaker[Session],
+    store: ImageStore,
+    settings: Settings,
+    actor: Actor,
+    files: list[IncomingFile],
+    name: str | None = None,
+    accession_id: str | None = None,
+) -> Batch:
+    """Store the batch and its items in one transaction; each item is queued or failed."""
+    if not files:
+        raise InputError("a batch needs at least one image")
+    if len(files) > settings.max_batch_items:
+        raise InputError(f"a batch may hold at most {settings.max_batch_items} images")
+    accession_id = validate_accession_id(accession_id)
+    name = (name or "").strip()[:128] or None
+    written: list[Path] = []
+    session = factory()
+    try:
+        batch = Batch(
+            name=name,
+            accession_id=accession_id,
+            user_id=actor.id if actor.kind == "user" else None,
+            api_client_id=actor.id if actor.kind == "apikey" else None,
+        )
+        session.add(batch)
+        session.flush()
+        failed = 0
+        for position, incoming in enumerate(files):
+            item = BatchItem(batch_id=batch.id, position=position, filename=incoming.filename[:255], attempts=0)
+            try:
+                checked = check_image(incoming.data, settings.max_upload_bytes, settings.max_image_pixels)
+            except InvalidImageError as exc:
+                item.status, item.error = FAILED, str(exc)
+                failed += 1
+            else:
+                image, new_file = store.put(session, checked)
+                session.flush()
+                if new_file is not None:
+                    written.append(new_file)
+                item.image_id, item.status = image.id, QUEUED
+            session.add(item)
+        audit.record(
+            session,
+            actor,
+            "batch.create",
+            "batch",
+            batch.id,
+            items=len(files),
+            failed=failed,
+            accession_id=accession_id,
+        )
+        session.commit()
+        return batch
+    except BaseException:
+        session.rollback()
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        session.close()
+
+
+def get_batch(session: Session, batch_id: int) -> Batch:
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        raise NotFoundError(f"batch {batch_id} does not exist")
+    return batch
+
+
+@dataclass(frozen=True)
+class Progress:
+    total: int
+    queued: int
+    processing: int
+    classified: int
+    failed: int
+    reviewed: int
+
+    @property
+    def done(self) -> bool:
+        return self.queued + self.processing == 0
+
+    @property
+    def fraction(self) -> float:
+        return (self.classified + self.failed) / self.total if self.total else 1.0
+
+
+def progress(session: Session, batch_id: int) -> Progress:
+    counts = dict(
+        session.execute(
+            select(BatchItem.status, func.count()).where(BatchItem.batch_id == batch_id).group_by(BatchItem.status)
+        ).all()
+    )
+    reviewed = session.scalar(
+        select(func.count(func.distinct(BatchItem.id)))
+        .join(Prediction, Prediction.id == BatchItem.prediction_id)
+        .where(BatchItem.batch_id == batch_id, Prediction.reviews.any())
+    )
+    return Progress(
+        total=sum(counts.values()),
+        queued=counts.get(QUEUED, 0),
+        processing=counts.get(PROCESSING, 0),
+        classified=counts.get(CLASSIFIED, 0),
+        failed=counts.get(FAILED, 0),
+        reviewed=reviewed or 0,
+    )
+
+
+def uncertainty(item: BatchItem) -> float:
+    """1 at P(abnormal) = 0.5, 0 at 0 or 1: how unsure the normal/abnormal call is."""
+    p = item.prediction.abnormal_probability
+    return 1.0 - abs(2.0 * p - 1.0)
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    order: str = "suspicion"  # suspicion | uncertainty | position
+    unreviewed: bool = False
+    predicted_class: str | None = None
+    min_abnormal: float | None = None
+    max_abnormal: float | None = None
+    status: str | None = None
+    qc_only: bool = False
+
+    def validate(self) -> "QueueFilter":
+        if self.order not in ("suspicion", "uncertainty", "position"):
+            raise InputError("order must be 'suspicion', 'uncertainty' or 'position'")
+        if self.predicted_class is not None and self.predicted_class not in CLASS_NAMES:
+            raise InputError(f"class must be one of: {', '.join(CLASS_NAMES)}")
+        for bound in (self.min_abnormal, self.max_abnormal):
+            if bound is not None and not 0 <= bound <= 1:
+                raise InputError("probability bounds must be between 0 and 1")
+        if self.status is not None and self.status not in (QUEUED, PROCESSING, CLASSIFIED, FAILED):
+            raise InputError("status must be queued, processing, classified or failed")
+        return self
+
+
+def queue_items(session: Session, batch_id: int | None, flt: QueueFilter) -> list[BatchItem]:
+    """Items of one batch (or of all batches), filtered and ranked for review.
+
+    Ranking by suspicion puts the highest P(abnormal) first; unclassified items come last.
+    """
+    flt = flt.validate()
+    query = select(BatchItem).outerjoin(Prediction, Prediction.id == BatchItem.prediction_id)
+    if batch_id is not None:
+        query = query.where(BatchItem.batch_id == batch_id)
+    if flt.status:
+        query = query.where(BatchItem.status == flt.status)
+    if flt.predicted_class:
+        query = query.where(Prediction.predicted_class == flt.predicted_class)
+    if flt.min_abnormal is not None:
+        query = query.where(Prediction.abnormal_probability >= flt.min_abnormal)
+    if flt.max_abnormal is not None:
+        query = query.where(Prediction.abnormal_probability <= flt.max_abnormal)
+    if flt.unreviewed:
+        query = query.where(BatchItem.status == CLASSIFIED, ~Prediction.reviews.any())
+    if flt.qc_only:
+        query = query.where(BatchItem.qc_sample.is_(True))
+    items = list(session.scalars(query.order_by(BatchItem.batch_id, BatchItem.position)).unique())
+    if flt.order == "suspicion":
+        items.sort(key=lambda i: -i.prediction.abnormal_probability if i.prediction else 2.0)
+    elif flt.order == "uncertainty":
+        items.sort(key=lambda i: -uncertainty(i) if i.prediction else 2.0)
+    return items
+
+
+CSV_COLUMNS = [
+    "batch_id", "item_id", "position", "file_name", "accession_id", "status", "error", "prediction_id",
+    *[f"p_{name}" for name in CLASS_NAMES], "predicted_class", "abnormal_probability", "qc_sample",
+    "model_version", "classified_at", "review_action", "final_label", "reviewer", "reviewed_at",
+]  # fmt: skip
+
+
+def export_csv(session: Session, actor: Actor, batch_id: int) -> str:
+    """One row per cell, in submission order, with the model's call and the latest review."""
+    batch = get_batch(session, batch_id)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for item in queue_items(session, batch_id, QueueFilter(order="position")):
+        p = item.prediction
+        review = p.reviews[-1] if p and p.reviews else None
+        row = {
+            "batch_id": batch.id,
+            "item_id": item.id,
+            "position": item.position,
+            "file_name": item.filename,
+            "accession_id": batch.accession_id or "",
+            "status": item.status,
+            "error": item.error or "",
+            "prediction_id": p.id if p else "",
+            "qc_sample": "yes" if item.qc_sample else "no",
+        }
+        if p:
+            row |= {f"p_{name}": f"{p.probabilities[name]:.6f}" for name in CLASS_NAMES}
+            row |= {
+                "predicted_class": p.predicted_class,
+                "abnormal_probability": f"{p.abnormal_probability:.6f}",
+                "model_version": p.model_version,
+                "classified_at": p.created_at.isoformat(),
+                "review_action": review.action if review else "",
+                "final_label": final_label(p) or "",
+                "reviewer": review.reviewer.username if review else "",
+                "reviewed_at": review.created_at.isoformat() if review else "",
+            }
+        writer.writerow(row)
+    audit.record(session, actor, "batch.export", "batch", batch.id)
+    session.commit()
+    return buffer.getvalue()

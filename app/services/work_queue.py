@@ -1,0 +1,172 @@
+"""Claiming and completing batch items, safely across any number of workers.
+
+A worker leases up to N queued (or lease-expired) items with `SELECT ... FOR UPDATE SKIP LOCKED`
+(on PostgreSQL; SQLite serialises writers anyway), classifies them together, then stores each
+prediction in a transaction that only commits if the worker still holds that item's lease. A
+worker that dies loses nothing: its lease expires and another worker takes the items over; one
+that comes back late finds its lease gone and stores nothing, so no item gets two predictions.
+"""
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db.models import Batch, BatchItem, Prediction, utcnow
+from app.errors import InvalidImageError
+from app.ml.classifier import Classifier
+from app.services import audit
+from app.services.actors import Actor
+from app.services.batches import CLASSIFIED, FAILED, PROCESSING, QUEUED
+from app.services.images import ImageStore
+
+
+@dataclass(frozen=True)
+class Lease:
+    item_id: int
+    token: str
+    image_path: str | None
+
+
+def claim(
+    factory: sessionmaker[Session], worker: str, limit: int, lease_seconds: int, max_attempts: int
+) -> list[Lease]:
+    """Lease up to `limit` items to this worker; items that used up their attempts fail instead."""
+    now = utcnow()
+    with factory() as session:
+        query = (
+            select(BatchItem)
+            .where(
+                or_(
+                    BatchItem.status == QUEUED,
+                    (BatchItem.status == PROCESSING) & (BatchItem.lease_expires_at < now),
+                )
+            )
+            .order_by(BatchItem.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True, of=BatchItem)
+        )
+        leases = []
+        for item in session.scalars(query).unique():
+            if item.attempts >= max_attempts:
+                item.status, item.error, item.lease_token = (
+                    FAILED,
+                    f"not classified after {item.attempts} attempts",
+                    None,
+                )
+                item.updated_at = now
+                continue
+            token = str(uuid.uuid4())
+            item.status, item.worker, item.lease_token = PROCESSING, worker, token
+            item.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            item.attempts += 1
+            item.updated_at = now
+            leases.append(Lease(item.id, token, item.image.storage_path if item.image else None))
+        session.commit()
+        return leases
+
+
+def _in_qc_sample(item_id: int, abnormal_probability: float, settings: Settings) -> bool:
+    """A fixed, reproducible share of confident 'normal' calls goes to a reviewer as well."""
+    if abnormal_probability > settings.qc_max_abnormal_probability:
+        return False
+    draw = int.from_bytes(hashlib.sha256(f"qc:{item_id}".encode()).digest()[:4], "big") / 2**32
+    return draw < settings.qc_share
+
+
+def process(
+    factory: sessionmaker[Session],
+    classifier: Classifier,
+    store: ImageStore,
+    settings: Settings,
+    worker: str,
+    leases: list[Lease],
+) -> int:
+    """Classify leased items in one forward pass and store each result if the lease still holds.
+
+    Returns how many items this worker completed (classified or failed).
+    """
+    completed = 0
+    images, readable = [], []
+    for lease in leases:
+        try:
+            images.append(store.path_for(lease.image_path).read_bytes())
+            readable.append(lease)
+        except (OSError, TypeError):
+            completed += _fail(factory, lease, "the stored image file is missing")
+    results = []
+    if readable:
+        try:
+            results = classifier.predict(images)
+        except InvalidImageError:  # classify one by one to find the bad one
+            results = []
+            for data in images:
+                try:
+                    results.append(classifier.predict([data])[0])
+                except InvalidImageError as exc:
+                    results.append(exc)
+    actor = Actor("worker", None, worker)
+    for lease, result in zip(readable, results, strict=True):
+        if isinstance(result, Exception):
+            completed += _fail(factory, lease, str(result))
+            continue
+        with factory() as session:
+            item = session.get(BatchItem, lease.item_id)
+            batch = session.get(Batch, item.batch_id)
+            prediction = Prediction(
+                image_id=item.image_id,
+                accession_id=batch.accession_id,
+                original_filename=item.filename,
+                source="batch",
+                predicted_class=result.predicted_class,
+                probabilities=result.probabilities,
+                abnormal_probability=result.abnormal_probability,
+                model_version=result.model_version,
+                weights_sha256=classifier.weights_sha256,
+                user_id=batch.user_id,
+                api_client_id=batch.api_client_id,
+            )
+            session.add(prediction)
+            session.flush()
+            done = session.execute(
+                update(BatchItem)
+                .where(
+                    BatchItem.id == lease.item_id,
+                    BatchItem.lease_token == lease.token,
+                    BatchItem.status == PROCESSING,
+                )
+                .values(
+                    status=CLASSIFIED,
+                    prediction_id=prediction.id,
+                    lease_token=None,
+                    qc_sample=_in_qc_sample(lease.item_id, result.abnormal_probability, settings),
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:
+                session.rollback()  # the lease expired and another worker owns the item now
+                continue
+            audit.record(
+                session, actor, "prediction.create", "prediction", prediction.id,
+                source="batch", batch_id=batch.id, item_id=lease.item_id, model_version=result.model_version,
+            )  # fmt: skip
+            session.commit()
+            completed += 1
+    return completed
+
+
+def _fail(factory: sessionmaker[Session], lease: Lease, reason: str) -> int:
+    with factory() as session:
+        done = session.execute(
+            update(BatchItem)
+            .where(BatchItem.id == lease.item_id, BatchItem.lease_token == lease.token)
+            .values(status=FAILED, error=reason, lease_token=None, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        return done.rowcount
