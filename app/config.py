@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     cookie_secure: bool = Field(default=False, description="Send the session cookie over HTTPS only.")
     session_max_age_seconds: int = 8 * 3600
 
+    # Calls
+    abnormal_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="P(abnormal) cut-off; default: the model card's validation choice."
+    )
+    uncertainty_band: float = Field(
+        default=0.1, ge=0, le=0.5, description="Cells with |P(abnormal) - threshold| within this need review."
+    )
+
     # Batches
     max_batch_items: int = 5000
     max_archive_expanded_bytes: int = 1024 * 1024 * 1024

@@ -12,7 +12,9 @@ from app.db.migrate import upgrade_to_head
 from app.db.models import User
 from app.db.session import make_engine, make_session_factory
 from app.ml.classifier import Classifier
+from app.services.explanations import Heatmaps
 from app.services.images import ImageStore
+from app.services.predictions import CallPolicy
 from app.worker import Worker
 
 log = logging.getLogger("papcad")
@@ -25,6 +27,8 @@ class AppContext:
     sessions: sessionmaker[Session]
     classifier: Classifier
     images: ImageStore
+    policy: CallPolicy
+    heatmaps: Heatmaps
     worker: Worker | None = None
 
     @classmethod
@@ -41,12 +45,18 @@ class AppContext:
                 log.warning(
                     "No users yet. Create the first administrator: papcad user create --username admin --role admin"
                 )
+        classifier = classifier or Classifier.load(settings.model_dir)
+        threshold = settings.abnormal_threshold
         context = cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
-            classifier=classifier or Classifier.load(settings.model_dir),
+            classifier=classifier,
             images=ImageStore(settings.image_dir),
+            policy=CallPolicy(
+                classifier.abnormal_threshold if threshold is None else threshold, settings.uncertainty_band
+            ),
+            heatmaps=Heatmaps(classifier, settings.data_dir / "heatmaps"),
         )
         if settings.runs_embedded_worker:
             context.worker = Worker(sessions, context.classifier, context.images, settings, name="embedded")

@@ -9,10 +9,13 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from app import __version__
 from app.api import batches, health, predictions, problems
+from app.api import fhir as fhir_api
+from app.api import monitoring as monitoring_api
 from app.config import Settings, get_settings
 from app.context import AppContext, session_secret
 from app.ml.classifier import Classifier
 from app.web import batches as web_batches
+from app.web import dashboard as web_dashboard
 from app.web import routes as web
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -48,6 +51,9 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     app.include_router(health.router)
     app.include_router(predictions.router)
     app.include_router(batches.router)
+    app.include_router(fhir_api.router)
+    app.include_router(monitoring_api.router)
     app.include_router(web.router)
     app.include_router(web_batches.router)
+    app.include_router(web_dashboard.router)
     return app

@@ -27,7 +27,9 @@ def tiny(tiny_model_dir) -> Classifier:
 
 @pytest.fixture(scope="module")
 def three_images(herlev_one_per_class) -> list[bytes]:
-    return [herlev_one_per_class[c].read_bytes() for c in ("normal_columnar", "moderate_dysplastic", "carcinoma_in_situ")]
+    return [
+        herlev_one_per_class[c].read_bytes() for c in ("normal_columnar", "moderate_dysplastic", "carcinoma_in_situ")
+    ]
 
 
 def _copy_with_card(model_dir, tmp_path, **changes):
@@ -66,7 +68,7 @@ def test_predict_returns_valid_probabilities_for_real_images(tiny, three_images)
         _check_prediction(prediction, tiny.version)
     # The same numbers as the lower-level path the evaluation uses.
     probs = tiny.predict_pixels(prepare_batch(three_images, tiny.spec))
-    for prediction, row in zip(predictions, probs):
+    for prediction, row in zip(predictions, probs, strict=True):
         assert list(prediction.probabilities.values()) == pytest.approx(row.tolist(), abs=1e-12)
 
 
@@ -75,7 +77,7 @@ def test_predict_does_not_depend_on_batching_or_input_kind(tiny, tiny_model_dir,
     alone = [tiny.predict([image])[0] for image in three_images]
     small_batches = Classifier.load(tiny_model_dir, batch_size=2).predict(three_images)
     as_pil = tiny.predict([Image.open(io.BytesIO(image)) for image in three_images])
-    for reference, *others in zip(together, alone, small_batches, as_pil):
+    for reference, *others in zip(together, alone, small_batches, as_pil, strict=True):
         for other in others:
             assert other.predicted_class == reference.predicted_class
             assert list(other.probabilities.values()) == pytest.approx(list(reference.probabilities.values()), abs=1e-5)
@@ -93,7 +95,7 @@ def test_dihedral8_tta_makes_the_call_invariant_to_flips_and_turns(tiny, three_i
     reference = tiny.predict(originals)
     for transform in (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM):
         moved = tiny.predict([image.transpose(transform) for image in originals])
-        for a, b in zip(reference, moved):
+        for a, b in zip(reference, moved, strict=True):
             assert list(b.probabilities.values()) == pytest.approx(list(a.probabilities.values()), abs=1e-4)
     # Turns on the prepared pixels: Pillow's two-pass resize of a turned crop may differ by 1 in a pixel value.
     pixels = prepare_batch(three_images, tiny.spec)
@@ -109,7 +111,9 @@ def test_without_tta_the_same_network_does_see_the_flip(tiny_model_dir, tmp_path
     reference = plain.predict(originals)
     flipped = plain.predict([image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in originals])
     largest = max(
-        abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(reference, flipped) for c in CLASS_NAMES
+        abs(a.probabilities[c] - b.probabilities[c])
+        for a, b in zip(reference, flipped, strict=True)
+        for c in CLASS_NAMES
     )
     assert largest > 1e-3
 
@@ -146,6 +150,22 @@ def test_a_card_that_is_not_json_is_refused(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, copy)
     (copy / CARD_FILE).write_text("{not json")
     with pytest.raises(ModelIntegrityError, match="not valid JSON"):
+        Classifier.load(copy)
+
+
+@pytest.mark.parametrize("broken", ["no_input", "no_recipe", "other_classes"])
+def test_a_card_with_missing_or_wrong_fields_is_refused(tiny_model_dir, tmp_path, broken):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    card = json.loads((copy / CARD_FILE).read_text())
+    if broken == "no_input":
+        del card["input"]
+    elif broken == "no_recipe":
+        del card["recipe"]
+    else:
+        card["class_names"] = card["class_names"][::-1]
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(ModelIntegrityError, match="not usable"):
         Classifier.load(copy)
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,75 +65,10 @@ def _generated_folder(root: Path, classes, per_class: int = 2) -> Path:
     return root
 
 
-# --- predict ------------------------------------------------------------------------------------
-
-
-def test_predict_prints_one_json_line_per_image(tiny_model_dir, herlev_one_per_class):
-    image = herlev_one_per_class["severe_dysplastic"]
-    result = papcad("predict", "--model", tiny_model_dir, image)
-    assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1
-    record = json.loads(lines[0])
-    assert record["file"] == str(image)
-    assert record["predicted_class"] in CLASS_NAMES
-    assert record["model_version"] == read_card(tiny_model_dir)["version"]
-    # The same call as the in-process Classifier makes, to the printed precision.
-    expected = Classifier.load(tiny_model_dir).predict([image.read_bytes()])[0]
-    assert record["predicted_class"] == expected.predicted_class
-    assert record["probabilities"] == pytest.approx(expected.probabilities, abs=2e-6)
-    assert record["abnormal_probability"] == pytest.approx(expected.abnormal_probability, abs=2e-6)
-
-
-def test_predict_reports_bad_files_without_a_traceback(tiny_model_dir, tmp_path):
-    not_an_image = tmp_path / "cell.bmp"
-    not_an_image.write_text("this is a text file, not a cell image\n")
-    missing = tmp_path / "missing.bmp"
-    result = papcad("predict", "--model", tiny_model_dir, not_an_image, missing)
-    assert_clean_failure(result, 1, str(not_an_image))
-    assert f"error: {missing}: no such file" in result.stderr
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-    assert [r["file"] for r in records] == [str(not_an_image), str(missing)]
-    assert "not an image" in records[0]["error"]
-    assert all("predicted_class" not in r for r in records)
-
-
-# --- train / evaluate refusals ------------------------------------------------------------------
-
-
-def test_train_refuses_a_folder_without_class_folders(tmp_path):
-    data = _generated_folder(tmp_path / "data", ["cats", "dogs"])
-    result = papcad("train", "--data", data, "--out", tmp_path / "m", "--epochs", 1, "--image-size", 32)
-    assert_clean_failure(result, 2, "none of the class folders")
-    assert not (tmp_path / "m" / WEIGHTS_FILE).exists()
-
-
-def test_train_refuses_a_folder_missing_one_class(tmp_path):
-    data = _generated_folder(tmp_path / "data", CLASS_NAMES[:-1])
-    result = papcad("train", "--data", data, "--out", tmp_path / "m", "--epochs", 1, "--image-size", 32)
-    assert_clean_failure(result, 2, "carcinoma_in_situ")
-
-
-def test_train_refuses_a_folder_too_small_to_split(tmp_path):
-    data = _generated_folder(tmp_path / "data", CLASS_NAMES, per_class=3)
-    result = papcad("train", "--data", data, "--out", tmp_path / "m", "--epochs", 1, "--image-size", 32)
-    assert_clean_failure(result, 2, "too few")
-
-
-@pytest.mark.parametrize(
-    "option, message", [(["--recipe", "nope"], "unknown recipe 'nope'"), (["--fit", "crop"], "--fit must be")]
-)
-def test_train_refuses_unknown_options(option, message, tmp_path):
-    result = papcad("train", "--data", tmp_path, "--out", tmp_path / "m", *option)
-    assert_clean_failure(result, 2, message)
-
-
-def test_evaluate_refuses_a_missing_model_directory(tmp_path, herlev_dir):
-    result = papcad("evaluate", "--model", tmp_path / "no_such_model", "--data", herlev_dir)
-    assert_clean_failure(result, 2, CARD_FILE)
-
-
-# --- a real, tiny training run ------------------------------------------------------------------
+# --- every command run once, side by side -------------------------------------------------------
+#
+# Each run is mostly TensorFlow's start-up, so they run a few at a time while the tiny training
+# run (the longest) goes on; the tests below only read the results.
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +91,105 @@ def tiny_dataset(herlev_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dataset, tmp_path_factory) -> tuple[Path, dict, dict]:
-    """Run `papcad train` once: (model dir, metrics it printed, its card right after training)."""
-    out = tmp_path_factory.mktemp("train") / "m"
-    result = papcad("train", "--data", tiny_dataset, "--out", out, "--epochs", 1, "--image-size", 32)
+def cli_inputs(tmp_path_factory, herlev_dir, herlev_one_per_class, tiny_model_dir, tiny_dataset) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    not_an_image = root / "cell.bmp"
+    not_an_image.write_text("this is a text file, not a cell image\n")
+    return {
+        "root": root,
+        "herlev": herlev_dir,
+        "tiny_model": tiny_model_dir,
+        "tiny_dataset": tiny_dataset,
+        "image": herlev_one_per_class["severe_dysplastic"],
+        "not_an_image": not_an_image,
+        "missing_file": root / "missing.bmp",
+        "no_class_folders": _generated_folder(root / "no_class_folders", ["cats", "dogs"]),
+        "one_class_missing": _generated_folder(root / "one_class_missing", CLASS_NAMES[:-1]),
+        "too_small": _generated_folder(root / "too_small", CLASS_NAMES, per_class=3),
+        "trained_model": root / "m",
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(cli_inputs) -> dict[str, subprocess.CompletedProcess]:
+    i = cli_inputs
+    tiny_train = ["--epochs", 1, "--image-size", 32]
+    commands = {
+        "train": ["train", "--data", i["tiny_dataset"], "--out", i["trained_model"], *tiny_train],
+        "predict": ["predict", "--model", i["tiny_model"], i["image"]],
+        "predict_bad_files": ["predict", "--model", i["tiny_model"], i["not_an_image"], i["missing_file"]],
+        "train_no_class_folders": ["train", "--data", i["no_class_folders"], "--out", i["root"] / "a", *tiny_train],
+        "train_one_class_missing": ["train", "--data", i["one_class_missing"], "--out", i["root"] / "b", *tiny_train],
+        "train_too_small": ["train", "--data", i["too_small"], "--out", i["root"] / "c", *tiny_train],
+        "train_unknown_recipe": ["train", "--data", i["tiny_dataset"], "--out", i["root"] / "d", "--recipe", "nope"],
+        "evaluate_missing_model": ["evaluate", "--model", i["root"] / "no_such_model", "--data", i["herlev"]],
+    }
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(papcad, *args) for name, args in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+# --- predict ------------------------------------------------------------------------------------
+
+
+def test_predict_prints_one_json_line_per_image(runs, cli_inputs):
+    result, image, tiny_model = runs["predict"], cli_inputs["image"], cli_inputs["tiny_model"]
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["file"] == str(image)
+    assert record["predicted_class"] in CLASS_NAMES
+    assert record["model_version"] == read_card(tiny_model)["version"]
+    # The same call as the in-process Classifier makes, to the printed precision.
+    expected = Classifier.load(tiny_model).predict([image.read_bytes()])[0]
+    assert record["predicted_class"] == expected.predicted_class
+    assert record["probabilities"] == pytest.approx(expected.probabilities, abs=2e-6)
+    assert record["abnormal_probability"] == pytest.approx(expected.abnormal_probability, abs=2e-6)
+
+
+def test_predict_reports_bad_files_without_a_traceback(runs, cli_inputs):
+    result, not_an_image, missing = runs["predict_bad_files"], cli_inputs["not_an_image"], cli_inputs["missing_file"]
+    assert_clean_failure(result, 1, f"error: {not_an_image}: ")
+    assert f"error: {missing}: no such file" in result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert [r["file"] for r in records] == [str(not_an_image), str(missing)]
+    assert "not an image" in records[0]["error"]
+    assert all("predicted_class" not in r for r in records)
+
+
+# --- train / evaluate refusals ------------------------------------------------------------------
+
+
+def test_train_refuses_a_folder_without_class_folders(runs, cli_inputs):
+    assert_clean_failure(runs["train_no_class_folders"], 2, "none of the class folders")
+    assert not (cli_inputs["root"] / "a" / WEIGHTS_FILE).exists()
+
+
+def test_train_refuses_a_folder_missing_one_class(runs):
+    assert_clean_failure(runs["train_one_class_missing"], 2, "lacks the class folder(s): carcinoma_in_situ")
+
+
+def test_train_refuses_a_folder_too_small_to_split(runs):
+    assert_clean_failure(runs["train_too_small"], 2, "too few for a grouped")
+
+
+def test_train_refuses_an_unknown_recipe(runs):
+    assert_clean_failure(runs["train_unknown_recipe"], 2, "unknown recipe 'nope'")
+
+
+def test_evaluate_refuses_a_missing_model_directory(runs, cli_inputs):
+    assert_clean_failure(runs["evaluate_missing_model"], 2, f"no {CARD_FILE} in model directory")
+    assert str(cli_inputs["root"] / "no_such_model") in runs["evaluate_missing_model"].stderr
+
+
+# --- a real, tiny training run ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(runs, cli_inputs) -> tuple[Path, dict, dict]:
+    """The `papcad train` run: (model dir, metrics it printed, its card right after training)."""
+    result, out = runs["train"], cli_inputs["trained_model"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     return out, last_json_block(result.stdout), read_card(out)
@@ -187,9 +218,23 @@ def test_train_writes_an_evaluated_model_directory(trained):
     assert json.loads((out / "test_metrics.json").read_text())["n"] == metrics["n"]
 
 
-def test_evaluate_reproduces_the_training_metrics(trained, tiny_dataset):
+@pytest.fixture(scope="module")
+def evaluations(trained, tiny_dataset, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """`papcad evaluate` on the training data, and (on a copy of the model) on data with one image fewer."""
+    out = trained[0]
+    root = tmp_path_factory.mktemp("evaluate")
+    other_data = shutil.copytree(tiny_dataset, root / "herlev")
+    next((other_data / "light_dysplastic").iterdir()).unlink()
+    model_copy = shutil.copytree(out, root / "m")  # the first run rewrites the card in `out`
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        same = pool.submit(papcad, "evaluate", "--model", out, "--data", tiny_dataset)
+        other = pool.submit(papcad, "evaluate", "--model", model_copy, "--data", other_data)
+        return {"same_data": same.result(), "other_data": other.result()}
+
+
+def test_evaluate_reproduces_the_training_metrics(trained, evaluations):
     out, _, card = trained
-    result = papcad("evaluate", "--model", out, "--data", tiny_dataset)
+    result = evaluations["same_data"]
     assert result.returncode == 0, result.stderr[-3000:]
     printed = last_json_block(result.stdout)
     assert printed.keys() == card["metrics"].keys()
@@ -202,10 +247,5 @@ def test_evaluate_reproduces_the_training_metrics(trained, tiny_dataset):
     assert read_card(out)["weights_sha256"] == card["weights_sha256"]
 
 
-def test_evaluate_refuses_data_the_model_was_not_trained_on(trained, tiny_dataset, tmp_path):
-    out, _, _ = trained
-    other = tmp_path / "herlev"
-    shutil.copytree(tiny_dataset, other)
-    next((other / "light_dysplastic").iterdir()).unlink()
-    result = papcad("evaluate", "--model", out, "--data", other)
-    assert_clean_failure(result, 2, "fingerprint differs")
+def test_evaluate_refuses_data_the_model_was_not_trained_on(evaluations):
+    assert_clean_failure(evaluations["other_data"], 2, "fingerprint differs")

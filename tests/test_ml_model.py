@@ -99,11 +99,11 @@ def test_build_model_loads_backbone_weights_from_a_verified_file(saved_backbone)
     model = build_model(SIZE, weights=BackboneWeights("file", path, md5))
     loaded = model.get_layer("resnet50").get_weights()
     assert len(loaded) == len(expected)
-    assert all(np.array_equal(a, b) for a, b in zip(loaded, expected))
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, expected, strict=True))
 
     keras.utils.set_random_seed(99)
     unloaded = build_model(SIZE).get_layer("resnet50").get_weights()
-    assert not all(np.array_equal(a, b) for a, b in zip(unloaded, expected))
+    assert not all(np.array_equal(a, b) for a, b in zip(unloaded, expected, strict=True))
 
 
 def test_build_backbone_with_a_wrong_md5_raises_before_reading_the_file(saved_backbone, tmp_path):
@@ -164,5 +164,7 @@ def test_load_weights_refuses_a_network_they_do_not_fit(tmp_path):
         load_weights(other, path)
 
     five_classes = build_model(SIZE, num_classes=5)  # same variable names, different head shape
-    with pytest.raises(ValueError):
+    before = [v.numpy().copy() for v in five_classes.weights]
+    with pytest.raises(ValueError, match="shape differs"):
         load_weights(five_classes, path)
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, five_classes.weights, strict=True))  # untouched

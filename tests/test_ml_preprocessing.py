@@ -14,7 +14,7 @@ from PIL import Image
 
 from app.errors import DatasetError, InvalidImageError
 from app.ml.classes import ABNORMAL_CLASSES, CLASS_NAMES
-from app.ml.data import discover, fixed_split, grouped_folds, group_of, load_arrays
+from app.ml.data import discover, fixed_split, group_of, grouped_folds, load_arrays
 from app.ml.preprocessing import MAX_PIXELS, InputSpec, decode_image, prepare_batch, prepare_image
 
 SPECS = [InputSpec(size=32, fit="resize"), InputSpec(size=64, fit="pad", canvas=256)]
@@ -35,7 +35,9 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def _synthetic_cell(width: int, height: int, border: int) -> Image.Image:
@@ -121,7 +123,7 @@ def test_prepare_batch_stacks_in_order(herlev_one_per_class):
     images = [p.read_bytes() for p in herlev_one_per_class.values()]
     batch = prepare_batch(images, spec)
     assert batch.shape == (len(images), 32, 32, 3) and batch.dtype == np.uint8
-    for row, data in zip(batch, images):
+    for row, data in zip(batch, images, strict=True):
         assert np.array_equal(row, prepare_image(data, spec))
 
 
@@ -134,7 +136,9 @@ def test_decode_image_refuses_empty_bytes():
 
 
 @pytest.mark.parametrize(
-    "data", [b"hello, this is not a picture\n" * 20, b"%PDF-1.7\n" + bytes(range(256)) * 4, b"\x00"], ids=["text", "pdf", "one-byte"]
+    "data",
+    [b"hello, this is not a picture\n" * 20, b"%PDF-1.7\n" + bytes(range(256)) * 4, b"\x00"],
+    ids=["text", "pdf", "one-byte"],
 )
 def test_decode_image_refuses_bytes_that_are_not_an_image(data):
     with pytest.raises(InvalidImageError, match="not an image"):

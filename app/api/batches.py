@@ -12,6 +12,7 @@ from app.db.models import BatchItem
 from app.errors import InputError
 from app.services import audit
 from app.services import batches as service
+from app.services.predictions import CallPolicy
 
 router = APIRouter(prefix="/api/v1/batches", tags=["batches"])
 
@@ -36,7 +37,7 @@ def batch_out(session, batch) -> BatchOut:
     )
 
 
-def item_out(item: BatchItem) -> BatchItemOut:
+def item_out(item: BatchItem, policy: CallPolicy) -> BatchItemOut:
     return BatchItemOut(
         id=item.id,
         position=item.position,
@@ -45,7 +46,7 @@ def item_out(item: BatchItem) -> BatchItemOut:
         error=item.error,
         qc_sample=item.qc_sample,
         uncertainty=service.uncertainty(item) if item.prediction else None,
-        prediction=PredictionOut.of(item.prediction) if item.prediction else None,
+        prediction=PredictionOut.of(item.prediction, policy) if item.prediction else None,
     )
 
 
@@ -102,6 +103,7 @@ def get_batch(batch_id: int, session: SessionDep, actor: ActorDep) -> BatchOut:
 @router.get("/{batch_id}/items", response_model=BatchItemPage, responses=ERRORS)
 def list_items(
     batch_id: int,
+    context: ContextDep,
     session: SessionDep,
     actor: ActorDep,
     order: Annotated[str, Query(description="suspicion (P(abnormal) first), uncertainty, or position")] = "suspicion",
@@ -110,17 +112,23 @@ def list_items(
     min_abnormal: Annotated[float | None, Query(ge=0, le=1)] = None,
     max_abnormal: Annotated[float | None, Query(ge=0, le=1)] = None,
     status: str | None = None,
+    qc_only: Annotated[bool, Query(description="Only the QC sample of confident normal calls.")] = False,
+    needs_review: Annotated[bool, Query(description="Only cells inside the uncertainty band.")] = False,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> BatchItemPage:
     """The batch's cells ranked for review, with their predictions."""
     service.get_batch(session, batch_id)
-    flt = service.QueueFilter(order, unreviewed, predicted_class, min_abnormal, max_abnormal, status)
-    items = service.queue_items(session, batch_id, flt)
+    flt = service.QueueFilter(
+        order, unreviewed, predicted_class, min_abnormal, max_abnormal, status, qc_only, needs_review
+    )
+    items = service.queue_items(session, batch_id, flt, context.policy)
     page = items[offset : offset + limit]
     audit.record(session, actor, "batch.items.read", "batch", batch_id, item_ids=[i.id for i in page])
     session.commit()
-    return BatchItemPage(items=[item_out(i) for i in page], total=len(items), limit=limit, offset=offset)
+    return BatchItemPage(
+        items=[item_out(i, context.policy) for i in page], total=len(items), limit=limit, offset=offset
+    )
 
 
 @router.get("/{batch_id}/export.csv", response_class=Response, responses=ERRORS)

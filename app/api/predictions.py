@@ -47,11 +47,12 @@ async def submit_prediction(
     response.headers["Location"] = f"/api/v1/predictions/{prediction.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    return PredictionOut.of(prediction)
+    return PredictionOut.of(prediction, context.policy)
 
 
 @router.get("", response_model=PredictionPage, responses=ERRORS)
 def list_predictions(
+    context: ContextDep,
     session: SessionDep,
     actor: ActorDep,
     accession_id: str | None = None,
@@ -60,12 +61,14 @@ def list_predictions(
 ) -> PredictionPage:
     """Newest first; filter by accession id."""
     rows, total = service.list_predictions(session, actor, accession_id, limit, offset)
-    return PredictionPage(items=[PredictionOut.of(p) for p in rows], total=total, limit=limit, offset=offset)
+    return PredictionPage(
+        items=[PredictionOut.of(p, context.policy) for p in rows], total=total, limit=limit, offset=offset
+    )
 
 
 @router.get("/{prediction_id}", response_model=PredictionOut, responses=ERRORS)
-def get_prediction(prediction_id: int, session: SessionDep, actor: ActorDep) -> PredictionOut:
-    return PredictionOut.of(service.read_prediction(session, actor, prediction_id))
+def get_prediction(prediction_id: int, context: ContextDep, session: SessionDep, actor: ActorDep) -> PredictionOut:
+    return PredictionOut.of(service.read_prediction(session, actor, prediction_id), context.policy)
 
 
 @router.get("/{prediction_id}/image", responses=ERRORS, response_class=Response)
@@ -78,6 +81,23 @@ def get_image(prediction_id: int, context: ContextDep, session: SessionDep, acto
     data = context.images.path_for(stored.storage_path).read_bytes()
     media = {"BMP": "image/bmp", "PNG": "image/png", "JPEG": "image/jpeg", "TIFF": "image/tiff"}[stored.format]
     return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/{prediction_id}/heatmap", responses={**ERRORS, 409: ERRORS[422]}, response_class=Response)
+def get_heatmap(
+    prediction_id: int,
+    context: ContextDep,
+    session: SessionDep,
+    actor: ActorDep,
+    class_name: Annotated[str | None, Query(alias="class", description="Class to explain; default: the call.")] = None,
+) -> Response:
+    """Grad-CAM map (PNG, inferno colours, the image's own size) of what drove the model's call."""
+    prediction = service.get_prediction(session, prediction_id)
+    image = context.images.path_for(prediction.image.storage_path).read_bytes()
+    png = context.heatmaps.png(prediction, image, class_name)
+    audit.record(session, actor, "prediction.heatmap.read", "prediction", prediction.id)
+    session.commit()
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.post("/{prediction_id}/reviews", status_code=201, response_model=ReviewOut, responses=ERRORS)

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.models import Prediction, Review
 from app.ml.classes import BETHESDA_HINT, CLASS_LABELS
-from app.services.predictions import final_label
+from app.services.predictions import CallPolicy, final_label
 
 NOTICE = (
     "Computer-generated suggestion from a machine-learning model. "
@@ -51,7 +51,10 @@ class PredictionOut(BaseModel):
     predicted_class: str
     predicted_label: str
     probabilities: dict[str, float]
-    abnormal_probability: float
+    abnormal_probability: float = Field(description="Sum of the 4 abnormal classes' calibrated probabilities.")
+    abnormal_threshold: float = Field(description="The lab's P(abnormal) cut-off in force when read.")
+    abnormal_call: Literal["normal", "abnormal"]
+    needs_review: bool = Field(description="P(abnormal) lies within the configured uncertainty band of the cut-off.")
     bethesda_hint: str
     model_version: str
     weights_sha256: str
@@ -65,7 +68,7 @@ class PredictionOut(BaseModel):
     notice: str = NOTICE
 
     @classmethod
-    def of(cls, p: Prediction) -> "PredictionOut":
+    def of(cls, p: Prediction, policy: CallPolicy) -> "PredictionOut":
         return cls(
             id=p.id,
             accession_id=p.accession_id,
@@ -73,6 +76,9 @@ class PredictionOut(BaseModel):
             predicted_label=CLASS_LABELS[p.predicted_class],
             probabilities=p.probabilities,
             abnormal_probability=p.abnormal_probability,
+            abnormal_threshold=policy.abnormal_threshold,
+            abnormal_call="abnormal" if policy.is_abnormal(p.abnormal_probability) else "normal",
+            needs_review=policy.needs_review(p.abnormal_probability),
             bethesda_hint=BETHESDA_HINT[p.predicted_class],
             model_version=p.model_version,
             weights_sha256=p.weights_sha256,

@@ -128,12 +128,16 @@ def save_weights(model: keras.Model, path: Path) -> None:
 
 
 def load_weights(model: keras.Model, path: Path) -> None:
-    """Load weights written by `save_weights`; the variable names must match exactly."""
+    """Load weights written by `save_weights`: all or nothing, names and shapes must match exactly."""
     with np.load(path) as stored:
         names = {v.path for v in model.weights}
         if set(stored.files) != names:
             missing = sorted(names - set(stored.files))[:3]
             extra = sorted(set(stored.files) - names)[:3]
             raise ValueError(f"weights do not fit the network (missing {missing}, unexpected {extra})")
-        for variable in model.weights:
-            variable.assign(stored[variable.path].astype(variable.dtype))
+        arrays = {v.path: stored[v.path] for v in model.weights}
+    wrong = [v.path for v in model.weights if tuple(arrays[v.path].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"weights do not fit the network (shape differs for {wrong[:3]})")
+    for variable in model.weights:
+        variable.assign(arrays[variable.path].astype(variable.dtype))

@@ -64,7 +64,7 @@ def decode_image(data: bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Ima
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InvalidImageError(f"the image has too many pixels ({exc})") from exc
         except UnidentifiedImageError as exc:
-            raise InvalidImageError("the file is not an image Pillow can read") from exc
+            raise InvalidImageError("the file is not an image PapCAD can read (use BMP, PNG, JPEG or TIFF)") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise InvalidImageError(f"the image is damaged or truncated ({exc})") from exc
     if image.width < 1 or image.height < 1:

@@ -20,7 +20,7 @@ from app.ml.classes import CLASS_NAMES
 from app.services import audit
 from app.services.actors import Actor
 from app.services.images import ImageStore, check_image
-from app.services.predictions import final_label, validate_accession_id
+from app.services.predictions import CallPolicy, final_label, validate_accession_id
 
 QUEUED, PROCESSING, CLASSIFIED, FAILED = "queued", "processing", "classified", "failed"
 ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
@@ -201,6 +201,7 @@ class QueueFilter:
     max_abnormal: float | None = None
     status: str | None = None
     qc_only: bool = False
+    needs_review: bool = False
 
     def validate(self) -> "QueueFilter":
         if self.order not in ("suspicion", "uncertainty", "position"):
@@ -215,7 +216,9 @@ class QueueFilter:
         return self
 
 
-def queue_items(session: Session, batch_id: int | None, flt: QueueFilter) -> list[BatchItem]:
+def queue_items(
+    session: Session, batch_id: int | None, flt: QueueFilter, policy: CallPolicy | None = None
+) -> list[BatchItem]:
     """Items of one batch (or of all batches), filtered and ranked for review.
 
     Ranking by suspicion puts the highest P(abnormal) first; unclassified items come last.
@@ -236,6 +239,12 @@ def queue_items(session: Session, batch_id: int | None, flt: QueueFilter) -> lis
         query = query.where(BatchItem.status == CLASSIFIED, ~Prediction.reviews.any())
     if flt.qc_only:
         query = query.where(BatchItem.qc_sample.is_(True))
+    if flt.needs_review:
+        if policy is None:
+            raise ValueError("the needs-review filter needs the lab's call policy")
+        low = policy.abnormal_threshold - policy.uncertainty_band
+        high = policy.abnormal_threshold + policy.uncertainty_band
+        query = query.where(Prediction.abnormal_probability.between(low, high))
     items = list(session.scalars(query.order_by(BatchItem.batch_id, BatchItem.position)).unique())
     if flt.order == "suspicion":
         items.sort(key=lambda i: -i.prediction.abnormal_probability if i.prediction else 2.0)

@@ -24,6 +24,20 @@ REVIEW_ACTIONS = ("confirm", "override")
 
 
 @dataclass(frozen=True)
+class CallPolicy:
+    """The lab's reading of P(abnormal): a threshold, and a band around it that needs a person."""
+
+    abnormal_threshold: float
+    uncertainty_band: float
+
+    def is_abnormal(self, abnormal_probability: float) -> bool:
+        return abnormal_probability >= self.abnormal_threshold
+
+    def needs_review(self, abnormal_probability: float) -> bool:
+        return abs(abnormal_probability - self.abnormal_threshold) <= self.uncertainty_band
+
+
+@dataclass(frozen=True)
 class Submission:
     image: CheckedImage
     source: str  # web | api | batch

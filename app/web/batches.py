@@ -38,6 +38,7 @@ def queue_filter(q: Mapping[str, str]) -> service.QueueFilter:
         min_abnormal=number("min"),
         max_abnormal=number("max"),
         qc_only=q.get("qc") == "1",
+        needs_review=q.get("needs_review") == "1",
     ).validate()
 
 
@@ -55,6 +56,7 @@ def filter_query(flt: service.QueueFilter, batch_id: int | None) -> str:
         "min": "" if flt.min_abnormal is None else flt.min_abnormal,
         "max": "" if flt.max_abnormal is None else flt.max_abnormal,
         "qc": "1" if flt.qc_only else "",
+        "needs_review": "1" if flt.needs_review else "",
     }
     return urlencode({k: v for k, v in params.items() if v != ""})
 
@@ -90,7 +92,7 @@ async def submit_batch(
     return RedirectResponse(f"/batches/{batch.id}", status_code=303)
 
 
-def _gallery(request: Request, session, actor, batch: Batch | None):
+def _gallery(request: Request, context, session, actor, batch: Batch | None):
     try:
         flt = queue_filter(request.query_params)
     except InputError as exc:
@@ -98,27 +100,27 @@ def _gallery(request: Request, session, actor, batch: Batch | None):
     else:
         error = None
     batch_id = batch.id if batch else None
-    items = service.queue_items(session, batch_id, flt)
+    items = service.queue_items(session, batch_id, flt, context.policy)
     return render(
         request, "queue.html", actor=actor, batch=batch, items=items, flt=flt,
         progress=service.progress(session, batch.id) if batch else None,
-        query=filter_query(flt, batch_id), error=error, uncertainty=service.uncertainty,
+        query=filter_query(flt, batch_id), error=error, uncertainty=service.uncertainty, policy=context.policy,
         qc_count=sum(1 for i in service.queue_items(session, batch_id, service.QueueFilter(qc_only=True))),
     )  # fmt: skip
 
 
 @router.get("/batches/{batch_id}")
-def batch_page(batch_id: int, request: Request, session: SessionDep, actor: PageActor):
-    return _gallery(request, session, actor, service.get_batch(session, batch_id))
+def batch_page(batch_id: int, request: Request, context: ContextDep, session: SessionDep, actor: PageActor):
+    return _gallery(request, context, session, actor, service.get_batch(session, batch_id))
 
 
 @router.get("/queue")
-def global_queue(request: Request, session: SessionDep, actor: PageActor):
-    return _gallery(request, session, actor, None)
+def global_queue(request: Request, context: ContextDep, session: SessionDep, actor: PageActor):
+    return _gallery(request, context, session, actor, None)
 
 
-def _neighbours(session, item: BatchItem, batch_id: int | None, flt: service.QueueFilter):
-    ids = [i.id for i in service.queue_items(session, batch_id, flt) if i.prediction is not None]
+def _neighbours(session, policy, item: BatchItem, batch_id: int | None, flt: service.QueueFilter):
+    ids = [i.id for i in service.queue_items(session, batch_id, flt, policy) if i.prediction is not None]
     if item.id not in ids:
         return None, (ids[0] if ids else None), ids
     at = ids.index(item.id)
@@ -126,19 +128,21 @@ def _neighbours(session, item: BatchItem, batch_id: int | None, flt: service.Que
 
 
 @router.get("/queue/items/{item_id}")
-def review_page(item_id: int, request: Request, session: SessionDep, actor: PageActor, error: str | None = None):
+def review_page(
+    item_id: int, request: Request, context: ContextDep, session: SessionDep, actor: PageActor, error: str | None = None
+):
     item = session.get(BatchItem, item_id)
     if item is None or item.prediction is None:
         raise NotFoundError(f"no classified cell {item_id}")
     batch_id = batch_of(request.query_params)
     flt = queue_filter(request.query_params)
-    previous, following, ids = _neighbours(session, item, batch_id, flt)
+    previous, following, ids = _neighbours(session, context.policy, item, batch_id, flt)
     prediction = predictions.read_prediction(session, actor, item.prediction.id)
     return render(
         request, "review.html", actor=actor, item=item, p=prediction, bethesda=BETHESDA_HINT,
         final_label=predictions.final_label(prediction), previous=previous, following=following,
         position=(ids.index(item.id) + 1 if item.id in ids else None), count=len(ids),
-        query=filter_query(flt, batch_id), error=error,
+        query=filter_query(flt, batch_id), error=error, policy=context.policy,
     )  # fmt: skip
 
 
@@ -146,6 +150,7 @@ def review_page(item_id: int, request: Request, session: SessionDep, actor: Page
 def review_item(
     item_id: int,
     request: Request,
+    context: ContextDep,
     session: SessionDep,
     actor: PageActor,
     action: Annotated[str, Form()],
@@ -158,7 +163,7 @@ def review_item(
         raise NotFoundError(f"no classified cell {item_id}")
     params = QueryParams(query)
     flt, batch_id = queue_filter(params), batch_of(params)
-    _, following, _ = _neighbours(session, item, batch_id, flt)
+    _, following, _ = _neighbours(session, context.policy, item, batch_id, flt)
     try:
         predictions.add_review(session, actor, item.prediction.id, action, label, None)
     except (InputError, PermissionDeniedError) as exc:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from app.api.deps import ContextDep, SessionDep, session_user
 from app.api.predictions import read_upload
 from app.db.models import Prediction
-from app.errors import AuthenticationError, InputError, NotFoundError, PapcadError, PermissionDeniedError
+from app.errors import AuthenticationError, InputError, PapcadError, PermissionDeniedError
 from app.ml.classes import BETHESDA_HINT, CLASS_LABELS, CLASS_NAMES, NORMAL_CLASSES
 from app.roles import Role
 from app.security import csrf_matches, new_csrf_token
@@ -126,26 +126,23 @@ async def upload(
     return RedirectResponse(f"/predictions/{prediction.id}", status_code=303)
 
 
-@router.get("/predictions/{prediction_id}")
-def prediction_page(
-    prediction_id: int, request: Request, session: SessionDep, actor: PageActor, error: str | None = None
-):
-    prediction = service.read_prediction(session, actor, prediction_id)
+def _prediction_view(request: Request, context, actor: Actor, prediction, error=None, status_code=200):
     return render(
-        request,
-        "prediction.html",
-        actor=actor,
-        p=prediction,
-        bethesda=BETHESDA_HINT,
-        final_label=service.final_label(prediction),
-        error=error,
-    )
+        request, "prediction.html", status_code, actor=actor, p=prediction, bethesda=BETHESDA_HINT,
+        final_label=service.final_label(prediction), error=error, policy=context.policy,
+    )  # fmt: skip
+
+
+@router.get("/predictions/{prediction_id}")
+def prediction_page(prediction_id: int, request: Request, context: ContextDep, session: SessionDep, actor: PageActor):
+    return _prediction_view(request, context, actor, service.read_prediction(session, actor, prediction_id))
 
 
 @router.post("/predictions/{prediction_id}/reviews", dependencies=[CsrfChecked])
 def review(
     prediction_id: int,
     request: Request,
+    context: ContextDep,
     session: SessionDep,
     actor: PageActor,
     action: Annotated[str, Form()],
@@ -154,18 +151,11 @@ def review(
 ):
     try:
         service.add_review(session, actor, prediction_id, action, label, comment)
-    except (PermissionDeniedError, InputError, NotFoundError) as exc:
+    except (PermissionDeniedError, InputError) as exc:
         session.rollback()
-        prediction = service.get_prediction(session, prediction_id)
-        return render(
-            request,
-            "prediction.html",
-            status_code=403 if isinstance(exc, PermissionDeniedError) else 422,
-            actor=actor,
-            p=prediction,
-            bethesda=BETHESDA_HINT,
-            final_label=service.final_label(prediction),
-            error=str(exc),
+        status = 403 if isinstance(exc, PermissionDeniedError) else 422
+        return _prediction_view(
+            request, context, actor, service.get_prediction(session, prediction_id), str(exc), status
         )
     return RedirectResponse(f"/predictions/{prediction_id}#reviews", status_code=303)
 

@@ -72,6 +72,12 @@ def _fresh_postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    yield from _fresh_postgres_database()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def database_url(request, tmp_path_factory) -> Iterator[str]:
     if request.param == "sqlite":
@@ -108,7 +114,14 @@ def live_server(database_url, bundled_classifier, tmp_path_factory) -> Iterator[
     """uvicorn serving create_app() on a free loopback port, in a thread of this process."""
     data_dir = tmp_path_factory.mktemp("data")
     settings = Settings(
-        data_dir=data_dir, database_url=database_url, secret_key="test-secret", max_upload_bytes=2_000_000
+        data_dir=data_dir,
+        database_url=database_url,
+        secret_key="test-secret",
+        max_upload_bytes=2_000_000,
+        max_archive_expanded_bytes=30_000_000,
+        embedded_worker=True,
+        qc_share=0.5,
+        qc_max_abnormal_probability=0.5,
     )
     app = create_app(settings, classifier=bundled_classifier)
     port = _free_port()

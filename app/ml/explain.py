@@ -1,0 +1,69 @@
+"""Grad-CAM (Selvaraju et al., 2017) on ResNet50's last convolutional block (conv5_block3_out).
+
+The map shows where in the cell the features that raised the chosen class's score are. At a
+128 px input the last block is 4x4, so the map is coarse: it points to a region, not to a nucleus.
+"""
+
+import io
+
+import keras
+import matplotlib
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from app.ml.preprocessing import InputSpec, decode_image, prepare_image
+
+
+class GradCam:
+    """Grad-CAM for the network built by `app.ml.model.build_model`."""
+
+    def __init__(self, model: keras.Model):
+        preprocess = model.get_layer("resnet_preprocess")
+        backbone = model.get_layer("resnet50")
+        gap = model.get_layer("gap")
+        head = model.get_layer("head")
+        size = model.input_shape[1]
+
+        @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8), tf.TensorSpec([], tf.int32)])
+        def cam(pixels: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
+            features = backbone(preprocess(tf.cast(pixels, tf.float32)), training=False)
+            with tf.GradientTape() as tape:
+                tape.watch(features)
+                # The class score before softmax, as Grad-CAM prescribes.
+                logits = tf.matmul(gap(features), head.kernel) + head.bias
+                score = logits[0, class_index]
+            grads = tape.gradient(score, features)[0]
+            weights = tf.reduce_mean(grads, axis=(0, 1))
+            heat = tf.nn.relu(tf.reduce_sum(features[0] * weights, axis=-1))
+            return heat / (tf.reduce_max(heat) + 1e-9)
+
+        self._cam = cam
+
+    def heatmap(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
+        """Prepared uint8 pixels (size, size, 3) -> float map in [0, 1] at the last block's resolution."""
+        return self._cam(tf.constant(pixels[None]), tf.constant(class_index, tf.int32)).numpy()
+
+
+def heatmap_on_image(heat: np.ndarray, image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Bring the map from network-input space back onto the original crop, as a float (h, w) array."""
+    size = spec.size
+    square = Image.fromarray((heat * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
+    if spec.fit == "pad":
+        # The crop sits centred on a canvas; cut its region back out of the map.
+        scale = min(1.0, spec.canvas / max(image.size))
+        w, h = round(image.width * scale), round(image.height * scale)
+        factor = size / spec.canvas
+        left, top = (spec.canvas - w) // 2 * factor, (spec.canvas - h) // 2 * factor
+        square = square.crop((round(left), round(top), round(left + w * factor), round(top + h * factor)))
+    return np.asarray(square.resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+
+
+def heatmap_png(cam: GradCam, data: bytes | Image.Image, spec: InputSpec, class_index: int) -> bytes:
+    """A colour PNG of the Grad-CAM map at the original image's size (inferno colour map)."""
+    image = decode_image(data)
+    heat = heatmap_on_image(cam.heatmap(prepare_image(image, spec), class_index), image, spec)
+    colours = (matplotlib.colormaps["inferno"](heat)[..., :3] * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(colours).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,168 @@
+"""Model monitoring from recorded reviews: how often people agree with the model's call.
+
+The maths (`summarize`) works on plain lists so it can be checked against hand-computed numbers;
+`load_report` only fetches those lists from the database. A prediction counts once, with the label
+of its latest review (highest review id, the same rule as `predictions.final_label`).
+"""
+
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+from sklearn.metrics import cohen_kappa_score, confusion_matrix
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db.models import Prediction, Review
+from app.errors import InputError, PermissionDeniedError
+from app.ml.classes import CLASS_LABELS, CLASS_NAMES
+from app.roles import Role
+from app.services.actors import Actor
+
+VIEWER_ROLES = frozenset({Role.ADMIN, Role.PATHOLOGIST})
+
+
+@dataclass(frozen=True)
+class ClassAgreement:
+    """Of the reviewed cells the model called `class_name`, how many the reviewer kept."""
+
+    class_name: str
+    label: str
+    called: int
+    confirmed: int
+    rate: float | None  # None when the model never made this call
+
+
+@dataclass(frozen=True)
+class DayRate:
+    day: date  # UTC date of the latest review
+    reviewed: int
+    overridden: int
+    rate: float
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Agreement numbers for one model version, or for all of them (model_version None)."""
+
+    model_version: str | None
+    reviewed: int
+    agreed: int
+    agreement_rate: float | None
+    override_rate: float | None
+    kappa: float | None  # None when undefined: no reviews, or both sides used one and the same class
+    confusion: list[list[int]]  # rows: model call, columns: final human label, both in CLASS_NAMES order
+    per_class: list[ClassAgreement]
+    over_time: list[DayRate]
+
+
+@dataclass(frozen=True)
+class Report:
+    date_from: date | None
+    date_to: date | None
+    overall: Metrics
+    by_version: list[Metrics]
+
+
+def check_can_view(actor: Actor) -> None:
+    """Agreement statistics are for admins and pathologists, not for API clients or other roles."""
+    if actor.kind != "user" or actor.role not in VIEWER_ROLES:
+        raise PermissionDeniedError("monitoring is for administrators and pathologists")
+
+
+def kappa(model_calls: list[str], final_labels: list[str]) -> float | None:
+    """Cohen's kappa over the 7 classes; None where it is undefined (0/0) instead of NaN."""
+    if not model_calls or len(set(model_calls) | set(final_labels)) == 1:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = float(cohen_kappa_score(model_calls, final_labels, labels=list(CLASS_NAMES)))
+    return None if math.isnan(value) else value
+
+
+def metrics(
+    model_calls: list[str], final_labels: list[str], dates: list[date], model_version: str | None = None
+) -> Metrics:
+    """All the numbers for one group of reviewed predictions (parallel lists)."""
+    n = len(model_calls)
+    agreed = sum(call == final for call, final in zip(model_calls, final_labels, strict=True))
+    matrix = (
+        confusion_matrix(model_calls, final_labels, labels=list(CLASS_NAMES)).tolist()
+        if n
+        else [[0] * len(CLASS_NAMES) for _ in CLASS_NAMES]
+    )
+    per_class = []
+    for i, name in enumerate(CLASS_NAMES):
+        called, confirmed = sum(matrix[i]), matrix[i][i]
+        per_class.append(
+            ClassAgreement(name, CLASS_LABELS[name], called, confirmed, confirmed / called if called else None)
+        )
+    days: dict[date, list[int]] = defaultdict(lambda: [0, 0])
+    for call, final, day in zip(model_calls, final_labels, dates, strict=True):
+        days[day][0] += 1
+        days[day][1] += call != final
+    return Metrics(
+        model_version=model_version,
+        reviewed=n,
+        agreed=agreed,
+        agreement_rate=agreed / n if n else None,
+        override_rate=(n - agreed) / n if n else None,
+        kappa=kappa(model_calls, final_labels),
+        confusion=[[int(c) for c in row] for row in matrix],
+        per_class=per_class,
+        over_time=[DayRate(d, total, over, over / total) for d, (total, over) in sorted(days.items())],
+    )
+
+
+def summarize(
+    model_calls: list[str],
+    final_labels: list[str],
+    versions: list[str],
+    dates: list[date],
+    date_from: date | None = None,
+    date_to: date | None = None,
+) -> Report:
+    """Overall and per-model-version metrics, limited to reviews dated within [date_from, date_to]."""
+    if date_from and date_to and date_from > date_to:
+        raise InputError("date_from must not be after date_to")
+    rows = [
+        row
+        for row in zip(model_calls, final_labels, versions, dates, strict=True)
+        if (date_from is None or row[3] >= date_from) and (date_to is None or row[3] <= date_to)
+    ]
+    for call, final, _, _ in rows:
+        if call not in CLASS_NAMES or final not in CLASS_NAMES:
+            raise InputError(f"unknown class in {call!r} / {final!r}")
+
+    def group(selected: list[tuple[str, str, str, date]], version: str | None) -> Metrics:
+        return metrics([r[0] for r in selected], [r[1] for r in selected], [r[3] for r in selected], version)
+
+    by_version = [group([r for r in rows if r[2] == v], v) for v in sorted({r[2] for r in rows})]
+    return Report(date_from, date_to, group(rows, None), by_version)
+
+
+def load_report(session: Session, date_from: date | None = None, date_to: date | None = None) -> Report:
+    """The report over every prediction with at least one review, by its latest review."""
+    latest = select(Review.prediction_id, func.max(Review.id).label("review_id")).group_by(Review.prediction_id)
+    latest = latest.subquery()
+    query = (
+        select(Prediction.predicted_class, Review.label, Prediction.model_version, Review.created_at)
+        .join(latest, latest.c.prediction_id == Prediction.id)
+        .join(Review, Review.id == latest.c.review_id)
+        .order_by(Prediction.id)
+    )
+    rows = session.execute(query).all()
+    return summarize(
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        [utc_day(r[3]) for r in rows],
+        date_from,
+        date_to,
+    )
+
+
+def utc_day(moment: datetime) -> date:
+    return moment.astimezone(UTC).date()
