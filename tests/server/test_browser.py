@@ -5,6 +5,8 @@ so `live_server` here is one server on a fresh SQLite file (the API tests cover 
 Chromium is the system one (/usr/bin/chromium, or PAPCAD_CHROMIUM); nothing is downloaded.
 """
 
+import csv
+import io
 import os
 import re
 from collections.abc import Iterator
@@ -194,3 +196,91 @@ def test_cytotechnologist_uploading_text_sees_an_error_and_nothing_is_stored(pag
 
     after = (live_server.count("predictions"), live_server.count("images"), live_server.stored_files())
     assert after == before
+
+
+def test_result_page_shows_heatmap_and_calibrated_probabilities(page, live_server, herlev_image, bundled_classifier):
+    sign_in(page, live_server, "pathologist")
+    path = herlev_image("severe_dysplastic", 4)
+    page.set_input_files("#image", str(path))
+    page.get_by_role("button", name="Classify").click()
+    expect(page).to_have_url(re.compile(r"/predictions/\d+$"), timeout=TIMEOUT_MS)
+    prediction_id = int(page.url.rsplit("/", 1)[1])
+
+    heat = page.locator("#heatmap")
+    page.wait_for_function("() => { const h = document.querySelector('#heatmap'); return h && h.complete; }")
+    assert heat.evaluate("h => h.naturalWidth") == page.locator("#cell-image").evaluate("i => i.naturalWidth") > 0
+    heat_box, list_box = box(page, "#heatmap"), box(page, "#probabilities")
+    assert heat_box["x"] + heat_box["width"] <= list_box["x"]  # overlay beside the probabilities too
+    page.locator("#heatmap-opacity").fill("80")
+    assert heat.evaluate("h => h.style.opacity") == "0.8"
+    page.locator("#heatmap-toggle").uncheck()
+    expect(heat).to_be_hidden()
+    page.locator("#heatmap-toggle").check()
+    expect(heat).to_be_visible()
+
+    # The bars show the calibrated probabilities the server stored, and the lab's call on them.
+    with live_server.client() as client:
+        stored = client.get(f"/api/v1/predictions/{prediction_id}").json()
+    direct = bundled_classifier.predict([path.read_bytes()])[0].probabilities
+    for li in page.locator("#probabilities li").all():
+        name = li.get_attribute("data-class")
+        assert float(li.get_attribute("data-probability")) == pytest.approx(stored["probabilities"][name], abs=1e-9)
+        assert stored["probabilities"][name] == pytest.approx(direct[name], abs=1e-5)
+    expect(page.locator("#abnormal-probability")).to_contain_text("%")
+    expect(page.locator("#abnormal-call")).to_have_text(stored["abnormal_call"])
+    expect(page.get_by_text("calibrated")).to_be_visible()
+
+
+def test_keyboard_review_of_a_batch_and_csv(page, live_server, herlev_image):
+    paths = [
+        herlev_image(c, 10) for c in ("normal_intermediate", "light_dysplastic", "carcinoma_in_situ", "normal_columnar")
+    ]
+    with live_server.client() as client:
+        batch_id = client.post(
+            "/api/v1/batches", files=[("image", (p.name, p.read_bytes(), "image/bmp")) for p in paths],
+            data={"accession_id": "S26-KEYS"},
+        ).json()["id"]  # fmt: skip
+        for _ in range(600):
+            if client.get(f"/api/v1/batches/{batch_id}").json()["status"] == "done":
+                break
+            page.wait_for_timeout(200)
+        ranked = client.get(f"/api/v1/batches/{batch_id}/items", params={"order": "suspicion"}).json()["items"]
+
+    sign_in(page, live_server, "pathologist")
+    page.goto(f"{live_server.url}/batches/{batch_id}")
+    expect(page.locator("#gallery .tile")).to_have_count(len(paths))
+    page.keyboard.press("r")  # start the review: the most suspicious cell first
+    expect(page).to_have_url(re.compile(rf"/queue/items/{ranked[0]['id']}\?"))
+
+    expected = []
+    for step, item in enumerate(ranked[:3]):
+        expect(page).to_have_url(re.compile(rf"/queue/items/{item['id']}\?"))
+        call = item["prediction"]["predicted_class"]
+        if step == 1:  # override with the first class that is not the model's call, by its number key
+            number = next(i for i, name in enumerate(CLASS_NAMES, start=1) if name != call)
+            page.keyboard.press(str(number))
+            expected.append(("override", CLASS_NAMES[number - 1]))
+        else:
+            page.keyboard.press("Enter" if step == 0 else "c")
+            expected.append(("confirm", call))
+        page.wait_for_load_state()
+    expect(page).to_have_url(re.compile(rf"/queue/items/{ranked[3]['id']}\?"))
+    page.keyboard.press("k")  # back to the third cell: it shows its review
+    expect(page.locator("#final-label")).to_contain_text(CLASS_LABELS[expected[2][1]])
+
+    with live_server.client() as client:
+        for item, (action, label) in zip(ranked[:3], expected, strict=True):
+            reviews = client.get(f"/api/v1/predictions/{item['prediction']['id']}").json()["reviews"]
+            assert [(r["action"], r["label"], r["reviewer"]) for r in reviews] == [
+                (action, label, live_server.users["pathologist"])
+            ]
+        assert client.get(f"/api/v1/predictions/{ranked[3]['prediction']['id']}").json()["reviews"] == []
+        export = client.get(f"/api/v1/batches/{batch_id}/export.csv").text
+    rows = {row["item_id"]: row for row in csv.DictReader(io.StringIO(export))}
+    for item, (action, label) in zip(ranked[:3], expected, strict=True):
+        row = rows[str(item["id"])]
+        assert (row["review_action"], row["final_label"], row["reviewer"]) == (
+            action, label, live_server.users["pathologist"],
+        )  # fmt: skip
+        assert row["accession_id"] == "S26-KEYS" and row["file_name"] == item["file_name"]
+    assert rows[str(ranked[3]["id"])]["review_action"] == ""
