@@ -1,5 +1,6 @@
 """/api/v1/batches: many cells in, classified in the background, a ranked queue out."""
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
@@ -25,14 +26,7 @@ def batch_out(session, batch) -> BatchOut:
         accession_id=batch.accession_id,
         status="done" if progress.done else "processing",
         progress=round(progress.fraction, 4),
-        counts=BatchCounts(
-            total=progress.total,
-            queued=progress.queued,
-            processing=progress.processing,
-            classified=progress.classified,
-            failed=progress.failed,
-            reviewed=progress.reviewed,
-        ),
+        counts=BatchCounts(**asdict(progress)),
         created_at=batch.created_at,
     )
 

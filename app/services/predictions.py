@@ -15,6 +15,7 @@ from app.db.models import Prediction, Review
 from app.errors import ConflictError, InputError, NotFoundError, PermissionDeniedError
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
+from app.ml.classifier import Prediction as ModelPrediction
 from app.services import audit
 from app.services.actors import Actor
 from app.services.images import CheckedImage, ImageStore
@@ -63,6 +64,34 @@ def _validate_idempotency_key(value: str | None) -> str | None:
     return value
 
 
+def prediction_row(
+    result: ModelPrediction,
+    weights_sha256: str,
+    image_id: int,
+    source: str,
+    accession_id: str | None,
+    filename: str | None,
+    user_id: int | None,
+    api_client_id: int | None,
+    idempotency_key: str | None = None,
+) -> Prediction:
+    """The row recording one model output, for every path that classifies (web, API, batch)."""
+    return Prediction(
+        image_id=image_id,
+        accession_id=accession_id,
+        original_filename=(filename or "")[:255] or None,
+        source=source,
+        predicted_class=result.predicted_class,
+        probabilities=result.probabilities,
+        abnormal_probability=result.abnormal_probability,
+        model_version=result.model_version,
+        weights_sha256=weights_sha256,
+        user_id=user_id,
+        api_client_id=api_client_id,
+        idempotency_key=idempotency_key,
+    )
+
+
 def _replayed(session: Session, actor: Actor, key: str) -> Prediction | None:
     column = Prediction.api_client_id if actor.kind == "apikey" else Prediction.user_id
     return session.scalar(select(Prediction).where(column == actor.id, Prediction.idempotency_key == key))
@@ -93,16 +122,13 @@ def create_prediction(
     try:
         image_row, written = store.put(session, submission.image)
         session.flush()
-        prediction = Prediction(
-            image_id=image_row.id,
-            accession_id=accession_id,
-            original_filename=(submission.filename or "")[:255] or None,
-            source=submission.source,
-            predicted_class=result.predicted_class,
-            probabilities=result.probabilities,
-            abnormal_probability=result.abnormal_probability,
-            model_version=result.model_version,
-            weights_sha256=classifier.weights_sha256,
+        prediction = prediction_row(
+            result,
+            classifier.weights_sha256,
+            image_row.id,
+            submission.source,
+            accession_id,
+            submission.filename,
             user_id=actor.id if actor.kind == "user" else None,
             api_client_id=actor.id if actor.kind == "apikey" else None,
             idempotency_key=key,

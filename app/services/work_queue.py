@@ -16,13 +16,14 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db.models import Batch, BatchItem, Prediction, utcnow
+from app.db.models import Batch, BatchItem, utcnow
 from app.errors import InvalidImageError
 from app.ml.classifier import Classifier
 from app.services import audit
 from app.services.actors import Actor
 from app.services.batches import CLASSIFIED, FAILED, PROCESSING, QUEUED
 from app.services.images import ImageStore
+from app.services.predictions import prediction_row
 
 
 @dataclass(frozen=True)
@@ -117,16 +118,13 @@ def process(
         with factory() as session:
             item = session.get(BatchItem, lease.item_id)
             batch = session.get(Batch, item.batch_id)
-            prediction = Prediction(
-                image_id=item.image_id,
-                accession_id=batch.accession_id,
-                original_filename=item.filename,
-                source="batch",
-                predicted_class=result.predicted_class,
-                probabilities=result.probabilities,
-                abnormal_probability=result.abnormal_probability,
-                model_version=result.model_version,
-                weights_sha256=classifier.weights_sha256,
+            prediction = prediction_row(
+                result,
+                classifier.weights_sha256,
+                item.image_id,
+                "batch",
+                batch.accession_id,
+                item.filename,
                 user_id=batch.user_id,
                 api_client_id=batch.api_client_id,
             )
