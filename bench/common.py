@@ -14,6 +14,7 @@ New here: `herlev_cells` (distinct Herlev images taken round-robin over the 7 cl
 
 import csv
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ REPO_ROOT = BENCH_DIR.parent
 for folder in (REPO_ROOT, BENCH_DIR):  # run from a checkout without installing the package
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (by bench_api)
 
 from bench_api import Server, load_average, stats  # noqa: E402
 from bench_classifier import HERLEV_DIR, machine_info, timed  # noqa: E402

@@ -123,6 +123,7 @@ def runs(cli_inputs) -> dict[str, subprocess.CompletedProcess]:
         "train_too_small": ["train", "--data", i["too_small"], "--out", i["root"] / "c", *tiny_train],
         "train_unknown_recipe": ["train", "--data", i["tiny_dataset"], "--out", i["root"] / "d", "--recipe", "nope"],
         "evaluate_missing_model": ["evaluate", "--model", i["root"] / "no_such_model", "--data", i["herlev"]],
+        "cross_validate": ["train", "--data", i["tiny_dataset"], "--out", i["root"] / "cv", "--cv", 2, *tiny_train],
     }
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(papcad, *args) for name, args in commands.items()}
@@ -215,6 +216,11 @@ def test_train_writes_an_evaluated_model_directory(trained):
         assert (out / name).stat().st_size > 1000, name
         assert Image.open(out / name).format == "PNG"
     assert set(json.loads((out / "history.json").read_text())) >= {"accuracy", "loss", "val_accuracy", "val_loss"}
+    assert Image.open(out / "test_reliability.png").format == "PNG"
+    assert card["calibration"]["temperature"] > 0
+    assert {"ece_before", "ece_after", "brier_before", "brier_after"} <= set(card["calibration"]["test"])
+    assert 0.0 <= card["abnormal_threshold"]["value"] <= 1.0
+    assert card["abnormal_threshold"]["chosen_on"] == "validation"
     assert json.loads((out / "test_metrics.json").read_text())["n"] == metrics["n"]
 
 
@@ -245,6 +251,18 @@ def test_evaluate_reproduces_the_training_metrics(trained, evaluations):
             assert printed[key] == value, key
     assert read_card(out)["metrics"] == printed
     assert read_card(out)["weights_sha256"] == card["weights_sha256"]
+
+
+def test_grouped_cross_validation_runs_every_fold(runs, cli_inputs):
+    result = runs["cross_validate"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((cli_inputs["root"] / "cv" / "cv_metrics.json").read_text())
+    assert report["k"] == 2 and len(report["folds"]) == 2
+    assert sum(fold["n"] for fold in report["folds"]) == len(CLASS_NAMES) * IMAGES_PER_CLASS  # each image once
+    for name in ("accuracy_7class", "macro_f1", "binary_accuracy"):
+        summary = report["summary"][name]
+        assert len(summary["folds"]) == 2 and summary["mean"] == pytest.approx(np.mean(summary["folds"]))
+    assert last_json_block(result.stdout) == report["summary"]
 
 
 def test_evaluate_refuses_data_the_model_was_not_trained_on(evaluations):
