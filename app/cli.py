@@ -33,6 +33,9 @@ def train(
     backbone_weights: Annotated[
         str | None, typer.Option(help="'none', 'imagenet' (download), or a path to the Keras ImageNet no-top .h5 file.")
     ] = None,
+    normalization: Annotated[
+        str | None, typer.Option(help="'caffe' (ResNet50's own) or 'unit' ([-1, 1]; from-scratch only).")
+    ] = None,
     cv: Annotated[int, typer.Option(help="Run grouped k-fold cross-validation with this k instead.")] = 0,
 ) -> None:
     """Train a model on the grouped split, then evaluate it on its held-out test set."""
@@ -44,8 +47,10 @@ def train(
         fail(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     if fit_mode not in (None, "resize", "pad"):
         fail("--fit must be 'resize' or 'pad'")
+    if normalization not in (None, "caffe", "unit"):
+        fail("--normalization must be 'caffe' or 'unit'")
     chosen = RECIPES[recipe]
-    overrides = {"epochs": epochs}
+    overrides = {"epochs": epochs, "normalization": normalization}
     if image_size or fit_mode:
         overrides["input"] = type(chosen.input)(
             size=image_size or chosen.input.size, fit=fit_mode or chosen.input.fit, canvas=chosen.input.canvas
@@ -56,6 +61,8 @@ def train(
         else:
             overrides["backbone"] = BackboneWeights(source="file", path=Path(backbone_weights))
     chosen = chosen.with_overrides(**overrides)
+    if chosen.normalization != "caffe" and chosen.backbone.source != "none":
+        fail("ImageNet backbone weights need --normalization caffe")
     try:
         dataset = discover(data)
         if cv:

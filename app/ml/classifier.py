@@ -55,7 +55,12 @@ class Classifier:
             if tuple(card["class_names"]) != CLASS_NAMES:
                 raise ValueError(f"unexpected classes {card['class_names']}")
             spec = InputSpec.from_dict(card["input"])
-            model = build_model(spec.size, num_classes=len(CLASS_NAMES), dropout=card["recipe"]["dropout"])
+            model = build_model(
+                spec.size,
+                num_classes=len(CLASS_NAMES),
+                dropout=card["recipe"]["dropout"],
+                normalization=card["input"].get("normalization", "caffe"),
+            )
             load_weights(model, weights_path)
             predictor = Predictor(model, tta=card.get("tta", "none"), batch_size=batch_size)
             return cls(model_dir, card, predictor)

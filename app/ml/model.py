@@ -9,6 +9,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 # Keep TensorFlow's C++ start-up chatter out of CLI output and server logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -62,20 +63,32 @@ def verify_md5(path: Path, expected: str) -> None:
         )
 
 
-@keras.saving.register_keras_serializable(package="papcad")
-class ResNetPreprocess(keras.layers.Layer):
-    """ResNet50's own input normalisation (RGB->BGR, subtract ImageNet means), in the graph.
+Normalization = Literal["caffe", "unit"]
 
-    Holding it in the network means every caller feeds the same plain 0-255 RGB pixels.
+
+@keras.saving.register_keras_serializable(package="papcad")
+class PixelNormalization(keras.layers.Layer):
+    """Input normalisation in the graph, so every caller feeds the same plain 0-255 RGB pixels.
+
+    caffe: ResNet50's own (RGB->BGR, subtract the ImageNet means), required for ImageNet weights.
+    unit:  scale to [-1, 1], a better-conditioned start for a network trained from scratch.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, mode: Normalization = "caffe", **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        if mode not in ("caffe", "unit"):
+            raise ValueError(f"unknown normalisation {mode!r}")
+        self.mode = mode
 
     def call(self, inputs):
-        bgr = keras.ops.flip(keras.ops.cast(inputs, self.compute_dtype), axis=-1)
-        return bgr - keras.ops.convert_to_tensor(_BGR_MEANS, dtype=self.compute_dtype)
+        x = keras.ops.cast(inputs, self.compute_dtype)
+        if self.mode == "unit":
+            return x / 127.5 - 1.0
+        return keras.ops.flip(x, axis=-1) - keras.ops.convert_to_tensor(_BGR_MEANS, dtype=self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
 
 
 def build_backbone(image_size: int, weights: BackboneWeights) -> keras.Model:
@@ -97,12 +110,15 @@ def build_model(
     weights: BackboneWeights = BackboneWeights(),
     freeze_backbone: bool = False,
     dropout: float = 0.5,
+    normalization: Normalization = "caffe",
 ) -> keras.Model:
     """ResNet50 -> GlobalAveragePooling -> Dropout -> Dense(softmax), fed 0-255 RGB pixels."""
     backbone = build_backbone(image_size, weights)
     backbone.trainable = not freeze_backbone
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
-    x = ResNetPreprocess(name="resnet_preprocess")(inputs)
+    if weights.source != "none" and normalization != "caffe":
+        raise ValueError("ImageNet backbone weights expect ResNet50's own (caffe) normalisation")
+    x = PixelNormalization(normalization, name="resnet_preprocess")(inputs)
     x = backbone(x, training=False if freeze_backbone else None)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)

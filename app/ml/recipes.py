@@ -4,7 +4,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from app.ml.inference import TTA
-from app.ml.model import BackboneWeights
+from app.ml.model import BackboneWeights, Normalization
 from app.ml.preprocessing import InputSpec
 
 
@@ -20,6 +20,7 @@ class Recipe:
     schedule: Literal["constant", "cosine"]
     augmentation: Literal["published", "cell"]
     dropout: float = 0.5
+    normalization: Normalization = "caffe"
     batch_size: int = 32
     weight_decay: float = 0.0
     warmup_epochs: int = 0

@@ -100,6 +100,7 @@ def fit(
             weights=recipe.backbone,
             freeze_backbone=recipe.freeze_backbone,
             dropout=recipe.dropout,
+            normalization=recipe.normalization,
         )
     steps = int(np.ceil(len(x_train) / recipe.batch_size))
     model.compile(
@@ -153,7 +154,8 @@ def train(dataset: Dataset, recipe: Recipe, out_dir: Path, version: str) -> dict
         "bethesda_hint": BETHESDA_HINT,
         "input": {
             **recipe.input.to_dict(),
-            "pixels": "RGB 0-255; ResNet50 caffe normalisation (BGR, ImageNet means) inside the network",
+            "pixels": "RGB 0-255; normalised inside the network",
+            "normalization": recipe.normalization,
             "function": "app.ml.preprocessing.prepare_image",
         },
         "tta": recipe.tta,
