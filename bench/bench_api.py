@@ -103,6 +103,17 @@ def stats(seconds: list[float]) -> dict:
     }
 
 
+def throwaway_settings(folder: Path, model_dir: Path, **overrides) -> Settings:
+    """Settings for a server whose SQLite file and stored images live in a temporary folder."""
+    return Settings(
+        data_dir=folder,
+        database_url=f"sqlite:///{folder / 'papcad.db'}",
+        model_dir=model_dir,
+        secret_key="bench",
+        **overrides,
+    )
+
+
 class Server:
     """uvicorn serving create_app() on a free loopback port, in a daemon thread of this process."""
 
@@ -141,13 +152,8 @@ def run(requests: int, warmup: int, image_path: Path, model_dir: Path) -> dict:
     load_before = load_average()
 
     with tempfile.TemporaryDirectory(prefix="papcad-bench-") as tmp:
-        settings = Settings(
-            data_dir=Path(tmp),
-            database_url=f"sqlite:///{Path(tmp) / 'papcad.db'}",
-            model_dir=model_dir,
-            secret_key="bench",
-            embedded_worker=False,  # no batch worker polling the database during the measurement
-        )
+        # No batch worker polling the database during the measurement.
+        settings = throwaway_settings(Path(tmp), model_dir, embedded_worker=False)
         with Server(settings, classifier) as server:
             key = server.api_key()
             with httpx.Client(

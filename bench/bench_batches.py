@@ -24,9 +24,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from common import REPO_ROOT, Server, class_counts, herlev_cells, load_average, machine_info, tta_views, write_json
+from common import (
+    REPO_ROOT,
+    Server,
+    class_counts,
+    herlev_cells,
+    load_average,
+    machine_info,
+    throwaway_settings,
+    tta_views,
+    write_json,
+)
 
-from app.config import Settings, get_settings
+from app.config import get_settings
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
 
@@ -123,12 +133,7 @@ def run(n_images: int, n_warmup: int, model_dir: Path, timeout_s: float, poll_s:
     warm_files = [path.read_bytes() for path in warm_paths]
 
     with tempfile.TemporaryDirectory(prefix="papcad-bench-") as tmp:
-        settings = Settings(
-            data_dir=Path(tmp),
-            database_url=f"sqlite:///{Path(tmp) / 'papcad.db'}",
-            model_dir=model_dir,
-            secret_key="bench",
-        )
+        settings = throwaway_settings(Path(tmp), model_dir)
         if not settings.runs_embedded_worker:
             raise RuntimeError("the embedded worker is off (PAPCAD_EMBEDDED_WORKER?); this benchmark needs it")
         chunk = settings.worker_batch_size

@@ -26,9 +26,20 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from common import REPO_ROOT, Server, class_counts, herlev_cells, load_average, machine_info, stats, timed, write_json
+from common import (
+    REPO_ROOT,
+    Server,
+    class_counts,
+    herlev_cells,
+    load_average,
+    machine_info,
+    stats,
+    throwaway_settings,
+    timed,
+    write_json,
+)
 
-from app.config import Settings, get_settings
+from app.config import get_settings
 from app.ml.classifier import Classifier
 from app.ml.explain import GradCam, heatmap_png
 
@@ -55,13 +66,8 @@ def predict_latencies(classifier: Classifier, files: list[bytes], warmup: int) -
 def server_heatmaps(classifier: Classifier, model_dir: Path, paths: list[Path], files: list[bytes]) -> dict:
     """POST each image, then GET each prediction's heatmap twice (computed, then cached), timed client-side."""
     with tempfile.TemporaryDirectory(prefix="papcad-bench-") as tmp:
-        settings = Settings(
-            data_dir=Path(tmp),
-            database_url=f"sqlite:///{Path(tmp) / 'papcad.db'}",
-            model_dir=model_dir,
-            secret_key="bench",
-            embedded_worker=False,  # nothing else runs in the server during the measurement
-        )
+        # Nothing else runs in the server during the measurement.
+        settings = throwaway_settings(Path(tmp), model_dir, embedded_worker=False)
         with Server(settings, classifier) as server:
             key = server.api_key()
             with httpx.Client(

@@ -26,7 +26,7 @@ for folder in (REPO_ROOT, BENCH_DIR):  # run from a checkout without installing 
         sys.path.insert(0, str(folder))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (by bench_api)
 
-from bench_api import Server, load_average, stats  # noqa: E402
+from bench_api import Server, load_average, stats, throwaway_settings  # noqa: E402
 from bench_classifier import HERLEV_DIR, machine_info, timed  # noqa: E402
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "machine_info",
     "stats",
     "timed",
+    "throwaway_settings",
     "tta_views",
     "write_json",
 ]

@@ -6,6 +6,7 @@
 4. Write metrics JSON, plots, and the card's summary.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from app.ml import calibration as cal
 from app.ml.artifact import read_card, write_card
 from app.ml.classifier import Classifier
 from app.ml.data import Dataset, fixed_split, load_arrays
-from app.ml.evaluation import ABNORMAL_MASK, write_report
+from app.ml.evaluation import ABNORMAL_MASK, plot_history, write_report
 
 # Missed abnormal cells are the costly error: the default cut-off keeps validation sensitivity here.
 TARGET_SENSITIVITY = 0.95
@@ -75,6 +76,9 @@ def evaluate_model_dir(model_dir: Path, dataset: Dataset) -> dict:
     test_sens, test_spec = cal.sensitivity_specificity(p_test, abnormal_test, threshold)
 
     result = write_report(model_dir, y_test, test_cal, prefix="test")
+    history = model_dir / "history.json"
+    if history.is_file():
+        plot_history(json.loads(history.read_text()), model_dir / "training_curves.png")
     card["calibration"] = calibration
     card["abnormal_threshold"] = {
         "value": threshold,

@@ -82,6 +82,8 @@ def plot_history(history: dict[str, list[float]], path: Path) -> None:
             ax.plot(epochs, history[f"val_{key}"], label=f"validation {key}")
         ax.set_xlabel("epoch")
         ax.set_title(key)
+        if key == "loss":
+            ax.set_yscale("log")  # early validation spikes (BatchNorm statistics settling) would flatten the rest
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
