@@ -7,7 +7,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = PROJECT_ROOT / "model_store" / "resnet50-herlev-r128-v1"
+DEFAULT_MODEL_DIR = PROJECT_ROOT / "model_store" / "resnet50-herlev-r128-v2"
 
 
 class Settings(BaseSettings):

@@ -71,6 +71,7 @@ DEFAULT = Recipe(
     augmentation="cell",
     label_smoothing=0.1,
     mixed_precision=True,
+    normalization="unit",
     tta="dihedral8",
     notes=["Whole ResNet50 trained from random initialisation (no internet for ImageNet weights)."],
 )
