@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import uvicorn
+from bench_classifier import repo_relative
 from sqlalchemy import text
 
 from app.config import Settings, get_settings
@@ -204,10 +205,10 @@ def run(requests: int, warmup: int, image_path: Path, model_dir: Path) -> dict:
         "load_average_1_5_15": {"before": load_before, "after": load_average()},
         "setup": {
             "model_version": classifier.version,
-            "model_dir": str(model_dir),
+            "model_dir": repo_relative(model_dir),
             "tta": classifier.card.get("tta", "none"),
             "input_size": classifier.spec.size,
-            "image": str(image_path),
+            "image": repo_relative(image_path),
             "image_bytes": len(data),
             "database": "sqlite (temporary file)",
             "server": "uvicorn in a thread of this process, 127.0.0.1, httpx client, API key",

@@ -31,6 +31,7 @@ from common import (
     herlev_cells,
     load_average,
     machine_info,
+    repo_relative,
     throwaway_settings,
     tta_views,
     write_json,
@@ -164,7 +165,7 @@ def run(n_images: int, n_warmup: int, model_dir: Path, timeout_s: float, poll_s:
         "machine": machine,
         "load_average_1_5_15": {"before": load_before, "after": load_average()},
         "model": {
-            "dir": str(model_dir),
+            "dir": repo_relative(model_dir),
             "version": classifier.version,
             "input": classifier.spec.to_dict(),
             "tta": classifier.predictor.tta,

@@ -27,6 +27,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
+
+def repo_relative(path: Path) -> str:
+    """A path as seen from the repository root, so results name no folder of the measuring machine."""
+    return os.path.relpath(Path(path).resolve(), REPO_ROOT)
+
+
 HERLEV_DIR = Path(os.environ.get("PAPCAD_HERLEV_DIR") or REPO_ROOT.parent / "shared" / "datasets" / "herlev")
 BATCH = 32
 WARMUP = 5
@@ -214,7 +220,7 @@ def run(model_dir: Path, n_images: int, n_batches: int) -> dict:
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": {
-            "dir": str(model_dir),
+            "dir": repo_relative(model_dir),
             "version": classifier.version,
             "input": spec.to_dict(),
             "tta": classifier.predictor.tta,

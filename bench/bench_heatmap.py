@@ -33,6 +33,7 @@ from common import (
     herlev_cells,
     load_average,
     machine_info,
+    repo_relative,
     stats,
     throwaway_settings,
     timed,
@@ -138,7 +139,7 @@ def run(n_images: int, model_dir: Path) -> dict:
         "machine": machine,
         "load_average_1_5_15": {"before": load_before, "after": load_average()},
         "model": {
-            "dir": str(model_dir),
+            "dir": repo_relative(model_dir),
             "version": classifier.version,
             "input": spec.to_dict(),
             "tta": classifier.predictor.tta,

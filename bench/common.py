@@ -27,7 +27,7 @@ for folder in (REPO_ROOT, BENCH_DIR):  # run from a checkout without installing 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (by bench_api)
 
 from bench_api import Server, load_average, stats, throwaway_settings  # noqa: E402
-from bench_classifier import HERLEV_DIR, machine_info, timed  # noqa: E402
+from bench_classifier import HERLEV_DIR, machine_info, repo_relative, timed  # noqa: E402
 
 __all__ = [
     "HERLEV_DIR",
@@ -37,6 +37,7 @@ __all__ = [
     "herlev_cells",
     "load_average",
     "machine_info",
+    "repo_relative",
     "stats",
     "timed",
     "throwaway_settings",
