@@ -33,6 +33,7 @@ def train(
     backbone_weights: Annotated[
         str | None, typer.Option(help="'none', 'imagenet' (download), or a path to the Keras ImageNet no-top .h5 file.")
     ] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Override the recipe's AdamW weight decay.")] = None,
     normalization: Annotated[
         str | None, typer.Option(help="'caffe' (ResNet50's own) or 'unit' ([-1, 1]; from-scratch only).")
     ] = None,
@@ -50,7 +51,7 @@ def train(
     if normalization not in (None, "caffe", "unit"):
         fail("--normalization must be 'caffe' or 'unit'")
     chosen = RECIPES[recipe]
-    overrides = {"epochs": epochs, "normalization": normalization}
+    overrides = {"epochs": epochs, "normalization": normalization, "weight_decay": weight_decay}
     if image_size or fit_mode:
         overrides["input"] = type(chosen.input)(
             size=image_size or chosen.input.size, fit=fit_mode or chosen.input.fit, canvas=chosen.input.canvas
