@@ -226,6 +226,20 @@ def user_create(
         fail(str(exc))
 
 
+@user_cli.command("deactivate")
+def user_deactivate(username: Annotated[str, typer.Option(help="Login name.")]) -> None:
+    """Stop a user from signing in (their open sessions end at the next request)."""
+    from app.services import accounts
+    from app.services.actors import SYSTEM
+
+    try:
+        with _admin_session() as session:
+            accounts.set_user_active(session, SYSTEM, username, False)
+    except PapcadError as exc:
+        fail(str(exc))
+    typer.echo(f"deactivated user {username}")
+
+
 @apikey_cli.command("create")
 def apikey_create(name: Annotated[str, typer.Option(help="Name of the client, e.g. the LIS.")]) -> None:
     """Create an API key and print it once; only its hash is stored."""

@@ -66,6 +66,20 @@ def authenticate_user(session: Session, username: str, password: str) -> User:
     return user
 
 
+def set_user_active(session: Session, actor: Actor, username: str, active: bool) -> User:
+    """Deactivate (or reactivate) a user: a deactivated user cannot sign in, and open sessions end."""
+    _require_admin(actor)
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise NotFoundError(f"no user named {username!r}")
+    if actor.kind == "user" and actor.id == user.id and not active:
+        raise InputError("you cannot deactivate your own account")
+    if user.active != active:
+        user.active = active
+        audit.record(session, actor, "user.activate" if active else "user.deactivate", "user", user.id)
+    return user
+
+
 def list_users(session: Session) -> list[User]:
     return list(session.scalars(select(User).order_by(User.username)))
 

@@ -191,6 +191,25 @@ def admin_create_user(
     return _admin_with(request, session, actor, 200, message=f"User {username} created.")
 
 
+@router.post("/admin/users/active", dependencies=[CsrfChecked])
+def admin_set_active(
+    request: Request,
+    session: SessionDep,
+    actor: PageActor,
+    username: Annotated[str, Form()],
+    active: Annotated[bool, Form()],
+):
+    _admin(actor)
+    try:
+        accounts.set_user_active(session, actor, username, active)
+        session.commit()
+    except PapcadError as exc:
+        session.rollback()
+        return _admin_with(request, session, actor, 422, error=str(exc))
+    state = "reactivated" if active else "deactivated"
+    return _admin_with(request, session, actor, 200, message=f"User {username} {state}.")
+
+
 @router.post("/admin/apikeys", dependencies=[CsrfChecked])
 def admin_create_key(request: Request, session: SessionDep, actor: PageActor, name: Annotated[str, Form()]):
     _admin(actor)

@@ -42,6 +42,11 @@ def test_user_and_apikey_commands(database_url, tmp_path):
     for result, words in ((duplicate, "already exists"), (short, "at least 10"), (bad_role, "role must be")):
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
 
+    deactivated = papcad(["user", "deactivate", "--username", "dr.jensen"], env)
+    assert deactivated.returncode == 0 and "deactivated user dr.jensen" in deactivated.stdout
+    unknown = papcad(["user", "deactivate", "--username", "nobody"], env)
+    assert unknown.returncode == 2 and "no user named" in unknown.stderr
+
     key = papcad(["apikey", "create", "--name", "LIS-main"], env)
     assert key.returncode == 0, key.stderr
     token = key.stdout.strip()

@@ -78,3 +78,56 @@ def test_admin_pages_are_for_admins_only(live_server, sign_in):
         assert connection.execute(text("SELECT role FROM users WHERE username = 'new.cytotech'")).scalar_one() == (
             "cytotechnologist"
         )
+
+
+def _browser_sign_in(live_server, username: str, password: str):
+    client = live_server.anonymous()
+    token = csrf_of(client.get("/login").text)
+    response = client.post("/login", data={"username": username, "password": password, "csrf": token})
+    return client, response
+
+
+def test_admin_deactivates_and_reactivates_a_user(live_server, sign_in):
+    admin, csrf = sign_in(live_server, "admin")
+    try:
+        created = admin.post(
+            "/admin/users",
+            data={
+                "username": "leaving.cytotech",
+                "password": "long-enough-pw",
+                "role": "cytotechnologist",
+                "csrf": csrf,
+            },
+        )
+        assert created.status_code == 200
+        leaving, response = _browser_sign_in(live_server, "leaving.cytotech", "long-enough-pw")
+        assert response.status_code == 303 and leaving.get("/", follow_redirects=False).status_code == 200
+
+        off = admin.post("/admin/users/active", data={"username": "leaving.cytotech", "active": "false", "csrf": csrf})
+        assert off.status_code == 200 and "User leaving.cytotech deactivated." in off.text
+        assert leaving.get("/", follow_redirects=False).status_code == 303  # the open session ends
+        _, refused = _browser_sign_in(live_server, "leaving.cytotech", "long-enough-pw")
+        assert refused.status_code == 401
+
+        on = admin.post("/admin/users/active", data={"username": "leaving.cytotech", "active": "true", "csrf": csrf})
+        assert on.status_code == 200
+        again, accepted = _browser_sign_in(live_server, "leaving.cytotech", "long-enough-pw")
+        assert accepted.status_code == 303
+        again.close()
+        leaving.close()
+
+        myself = admin.post(
+            "/admin/users/active", data={"username": live_server.users["admin"], "active": "false", "csrf": csrf}
+        )
+        assert myself.status_code == 422 and "your own account" in myself.text
+        unknown = admin.post("/admin/users/active", data={"username": "nobody", "active": "false", "csrf": csrf})
+        assert unknown.status_code == 422 and "no user named" in unknown.text
+    finally:
+        admin.close()
+    with live_server.context.engine.connect() as connection:
+        actions = (
+            connection.execute(text("SELECT action FROM audit_events WHERE action LIKE 'user.%activate' ORDER BY id"))
+            .scalars()
+            .all()
+        )
+    assert actions == ["user.deactivate", "user.activate"]
