@@ -186,6 +186,14 @@ def progress(session: Session, batch_id: int) -> Progress:
     )
 
 
+def qc_sample_size(session: Session, batch_id: int | None) -> int:
+    """How many cells (of one batch, or of all) were put in the QC sample."""
+    query = select(func.count()).select_from(BatchItem).where(BatchItem.qc_sample.is_(True))
+    if batch_id is not None:
+        query = query.where(BatchItem.batch_id == batch_id)
+    return session.scalar(query) or 0
+
+
 def uncertainty(item: BatchItem) -> float:
     """1 at P(abnormal) = 0.5, 0 at 0 or 1: how unsure the normal/abnormal call is."""
     p = item.prediction.abnormal_probability

@@ -105,7 +105,7 @@ def _gallery(request: Request, context, session, actor, batch: Batch | None):
         request, "queue.html", actor=actor, batch=batch, items=items, flt=flt,
         progress=service.progress(session, batch.id) if batch else None,
         query=filter_query(flt, batch_id), error=error, uncertainty=service.uncertainty, policy=context.policy,
-        qc_count=sum(1 for i in service.queue_items(session, batch_id, service.QueueFilter(qc_only=True))),
+        qc_count=service.qc_sample_size(session, batch_id),
     )  # fmt: skip
 
 

@@ -160,15 +160,33 @@ def review(
     return RedirectResponse(f"/predictions/{prediction_id}#reviews", status_code=303)
 
 
-def _admin(actor: Actor) -> Actor:
+def admin_actor(actor: PageActor) -> Actor:
+    """The signed-in user, if an administrator: every admin page and form depends on this."""
     if not actor.is_admin:
         raise PermissionDeniedError("this page is for administrators")
     return actor
 
 
+AdminActor = Annotated[Actor, Depends(admin_actor)]
+
+
+def _admin_action(request: Request, session, actor: Actor, action, error_status: int = 422) -> Response:
+    """Run one change for the admin page in its own transaction, then show the page with its outcome.
+
+    `action()` returns what the page should show (a message, or a new key); a domain error rolls
+    everything back and is shown instead.
+    """
+    try:
+        shown = action()
+        session.commit()
+    except PapcadError as exc:
+        session.rollback()
+        return _admin_with(request, session, actor, error_status, error=str(exc))
+    return _admin_with(request, session, actor, 200, **shown)
+
+
 @router.get("/admin")
-def admin_page(request: Request, session: SessionDep, actor: PageActor) -> Response:
-    _admin(actor)
+def admin_page(request: Request, session: SessionDep, actor: AdminActor) -> Response:
     return _admin_with(request, session, actor, 200)
 
 
@@ -176,62 +194,49 @@ def admin_page(request: Request, session: SessionDep, actor: PageActor) -> Respo
 def admin_create_user(
     request: Request,
     session: SessionDep,
-    actor: PageActor,
+    actor: AdminActor,
     username: Annotated[str, Form()],
     password: Annotated[str, Form()],
     role: Annotated[str, Form()],
 ):
-    _admin(actor)
-    try:
+    def create() -> dict:
         accounts.create_user(session, actor, username, password, role)
-        session.commit()
-    except PapcadError as exc:
-        session.rollback()
-        return _admin_with(request, session, actor, 422, error=str(exc))
-    return _admin_with(request, session, actor, 200, message=f"User {username} created.")
+        return {"message": f"User {username} created."}
+
+    return _admin_action(request, session, actor, create)
 
 
 @router.post("/admin/users/active", dependencies=[CsrfChecked])
 def admin_set_active(
     request: Request,
     session: SessionDep,
-    actor: PageActor,
+    actor: AdminActor,
     username: Annotated[str, Form()],
     active: Annotated[bool, Form()],
 ):
-    _admin(actor)
-    try:
+    def switch() -> dict:
         accounts.set_user_active(session, actor, username, active)
-        session.commit()
-    except PapcadError as exc:
-        session.rollback()
-        return _admin_with(request, session, actor, 422, error=str(exc))
-    state = "reactivated" if active else "deactivated"
-    return _admin_with(request, session, actor, 200, message=f"User {username} {state}.")
+        return {"message": f"User {username} {'reactivated' if active else 'deactivated'}."}
+
+    return _admin_action(request, session, actor, switch)
 
 
 @router.post("/admin/apikeys", dependencies=[CsrfChecked])
-def admin_create_key(request: Request, session: SessionDep, actor: PageActor, name: Annotated[str, Form()]):
-    _admin(actor)
-    try:
+def admin_create_key(request: Request, session: SessionDep, actor: AdminActor, name: Annotated[str, Form()]):
+    def create() -> dict:
         client, key = accounts.create_api_client(session, actor, name)
-        session.commit()
-    except PapcadError as exc:
-        session.rollback()
-        return _admin_with(request, session, actor, 422, error=str(exc))
-    return _admin_with(request, session, actor, 200, new_key=key, new_key_name=client.name)
+        return {"new_key": key, "new_key_name": client.name}
+
+    return _admin_action(request, session, actor, create)
 
 
 @router.post("/admin/apikeys/revoke", dependencies=[CsrfChecked])
-def admin_revoke_key(request: Request, session: SessionDep, actor: PageActor, name: Annotated[str, Form()]):
-    _admin(actor)
-    try:
+def admin_revoke_key(request: Request, session: SessionDep, actor: AdminActor, name: Annotated[str, Form()]):
+    def revoke() -> dict:
         accounts.revoke_api_client(session, actor, name)
-        session.commit()
-    except PapcadError as exc:
-        session.rollback()
-        return _admin_with(request, session, actor, 404, error=str(exc))
-    return _admin_with(request, session, actor, 200, message=f"API key {name} revoked.")
+        return {"message": f"API key {name} revoked."}
+
+    return _admin_action(request, session, actor, revoke, error_status=404)
 
 
 def _admin_with(request: Request, session, actor: Actor, status: int, **extra) -> Response:
