@@ -62,7 +62,12 @@ def filter_query(flt: service.QueueFilter, batch_id: int | None) -> str:
 
 
 @router.get("/batches")
-def batches_page(request: Request, session: SessionDep, actor: PageActor, error: str | None = None, status: int = 200):
+def batches_page(request: Request, session: SessionDep, actor: PageActor):
+    return _batches_view(request, session, actor)
+
+
+def _batches_view(request: Request, session, actor, error: str | None = None, status: int = 200):
+    """The intake form and recent batches (status and error are not for the query string)."""
     rows = list(session.scalars(select(Batch).order_by(Batch.id.desc()).limit(50)))
     progress = {b.id: service.progress(session, b.id) for b in rows}
     return render(request, "batches.html", status, actor=actor, batches=rows, progress=progress, error=error)
@@ -87,7 +92,7 @@ async def submit_batch(
         )
     except PapcadError as exc:
         with context.sessions() as session:
-            return batches_page(request, session, actor, error=str(exc), status=422)
+            return _batches_view(request, session, actor, error=str(exc), status=422)
     context.work_arrived()
     return RedirectResponse(f"/batches/{batch.id}", status_code=303)
 

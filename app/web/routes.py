@@ -87,10 +87,15 @@ def logout(request: Request):
     return RedirectResponse("/login", status_code=303)
 
 
+def _home_view(request: Request, session, actor: Actor, status_code: int = 200, **extra) -> HTMLResponse:
+    """The upload form and the 20 newest results."""
+    recent = list(session.scalars(select(Prediction).order_by(Prediction.id.desc()).limit(20)))
+    return render(request, "home.html", status_code, actor=actor, recent=recent, bethesda=BETHESDA_HINT, **extra)
+
+
 @router.get("/")
 def home(request: Request, session: SessionDep, actor: PageActor):
-    recent = list(session.scalars(select(Prediction).order_by(Prediction.id.desc()).limit(20)))
-    return render(request, "home.html", actor=actor, recent=recent, bethesda=BETHESDA_HINT)
+    return _home_view(request, session, actor)
 
 
 @router.post("/upload", dependencies=[CsrfChecked])
@@ -112,17 +117,7 @@ async def upload(
         )
     except PapcadError as exc:
         with context.sessions() as session:
-            recent = list(session.scalars(select(Prediction).order_by(Prediction.id.desc()).limit(20)))
-        return render(
-            request,
-            "home.html",
-            status_code=422,
-            actor=actor,
-            recent=recent,
-            bethesda=BETHESDA_HINT,
-            error=str(exc),
-            accession_id=accession_id,
-        )
+            return _home_view(request, session, actor, 422, error=str(exc), accession_id=accession_id)
     return RedirectResponse(f"/predictions/{prediction.id}", status_code=303)
 
 
