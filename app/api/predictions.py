@@ -7,9 +7,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import ActorDep, ContextDep, SessionDep
 from app.api.schemas import PredictionOut, PredictionPage, Problem, ReviewIn, ReviewOut
+from app.config import Settings
 from app.services import audit
 from app.services import predictions as service
-from app.services.images import check_image
+from app.services.images import CheckedImage, check_image
 
 router = APIRouter(prefix="/api/v1/predictions", tags=["predictions"])
 
@@ -19,6 +20,12 @@ ERRORS = {code: {"model": Problem, "content": {"application/problem+json": {}}} 
 async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     """At most max_bytes + 1 bytes: enough to tell an over-size file without holding all of it."""
     return await upload.read(max_bytes + 1)
+
+
+async def checked_upload(upload: UploadFile, settings: Settings) -> CheckedImage:
+    """The uploaded file, decoded and checked off the event loop (decoding a large image takes time)."""
+    data = await read_upload(upload, settings.max_upload_bytes)
+    return await run_in_threadpool(check_image, data, settings.max_upload_bytes, settings.max_image_pixels)
 
 
 @router.post(
@@ -34,10 +41,7 @@ async def submit_prediction(
 ) -> PredictionOut:
     """Classify one cell image and record the result. Retrying with the same `Idempotency-Key`
     returns the first result (header `Idempotent-Replayed: true`) instead of a new one."""
-    settings = context.settings
-    checked = check_image(
-        await read_upload(image, settings.max_upload_bytes), settings.max_upload_bytes, settings.max_image_pixels
-    )
+    checked = await checked_upload(image, context.settings)
     submission = service.Submission(
         image=checked, source="api", accession_id=accession_id, filename=image.filename, idempotency_key=idempotency_key
     )

@@ -8,7 +8,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from app.api.deps import ContextDep, SessionDep, session_user
-from app.api.predictions import read_upload
+from app.api.predictions import checked_upload
 from app.db.models import Prediction
 from app.errors import AuthenticationError, InputError, PapcadError, PermissionDeniedError
 from app.ml.classes import BETHESDA_HINT, CLASS_LABELS, CLASS_NAMES, NORMAL_CLASSES
@@ -17,7 +17,6 @@ from app.security import csrf_matches, new_csrf_token
 from app.services import accounts
 from app.services import predictions as service
 from app.services.actors import Actor
-from app.services.images import check_image
 
 router = APIRouter(include_in_schema=False)
 
@@ -106,11 +105,8 @@ async def upload(
     image: Annotated[UploadFile, File()],
     accession_id: Annotated[str | None, Form()] = None,
 ):
-    settings = context.settings
     try:
-        checked = check_image(
-            await read_upload(image, settings.max_upload_bytes), settings.max_upload_bytes, settings.max_image_pixels
-        )
+        checked = await checked_upload(image, context.settings)
         submission = service.Submission(image=checked, source="web", accession_id=accession_id, filename=image.filename)
         prediction, _ = await run_in_threadpool(
             service.create_prediction, context.sessions, context.classifier, context.images, actor, submission
