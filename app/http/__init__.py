@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by the REST API and the pages: middleware, limits, upload helpers."""
