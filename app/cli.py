@@ -97,6 +97,100 @@ def evaluate(
 
 
 @cli.command()
+def robustness(
+    model: Annotated[Path, typer.Option(help="Model directory (with model_card.json).")],
+    data: DataOption,
+    split: Annotated[str, typer.Option(help="'test' or 'validation' (of the card's grouped split).")] = "test",
+    out: Annotated[Path | None, typer.Option(help="JSON file to write; default: <model>/robustness.json.")] = None,
+) -> None:
+    """Score the grouped split under named image shifts (stain, colour, blur, noise, JPEG, scale, framing).
+
+    Writes the JSON and robustness.png; for the test split, also the card's "robustness" section.
+    """
+    from app.ml.data import discover
+    from app.ml.robustness import SPLITS, markdown_table, robustness_model_dir
+
+    if split not in SPLITS:
+        fail(f"--split must be one of: {', '.join(SPLITS)}")
+    try:
+        result = robustness_model_dir(model, discover(data), split, out)
+    except PapcadError as exc:
+        fail(str(exc))
+    typer.echo(markdown_table(result["shifts"]))
+
+
+@cli.command("fit-ood")
+def fit_ood(
+    model: Annotated[Path, typer.Option(help="Model directory (with model_card.json).")],
+    data: DataOption,
+) -> None:
+    """Fit the "not a typical cell" score on the training split, set its cut-off on validation, and
+    measure it against non-cell images; writes ood.npz and the card's "ood" section."""
+    from app.ml.data import discover
+    from app.ml.ood_fit import fit_ood_model_dir
+
+    try:
+        section = fit_ood_model_dir(model, discover(data))
+    except PapcadError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(section["evaluation"], indent=2))
+
+
+@cli.command(
+    help="Fine-tune a model on this laboratory's reviewed cells (final label = the latest review) and write a "
+    "new model directory with its card: site metrics before/after on held-out accessions and, with --base-data, "
+    "the base data's test metrics before/after. Reads DATABASE_URL and PAPCAD_DATA_DIR as `papcad serve` does. "
+    "Needs at least 40 reviewed cells from at least 5 accessions; with fewer it refuses and writes nothing. "
+    "Prints the new directory; register it with `papcad model register`."
+)
+def adapt(
+    base: Annotated[Path, typer.Option(help="Model directory to start from, e.g. the shipped model.")],
+    out: Annotated[Path, typer.Option(help="New model directory to write (must not exist, or be empty).")],
+    base_data: Annotated[
+        Path | None,
+        typer.Option(help="The base model's training folder (e.g. Herlev), mixed in so its classes are not forgotten."),
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, max=100, help="Passes over the site's training cells.")] = 6,
+    learning_rate: Annotated[
+        float, typer.Option(min=1e-7, max=1e-2, help="Peak Adam learning rate (one epoch warm-up, cosine decay).")
+    ] = 1e-4,
+    since: Annotated[
+        str | None, typer.Option(help="Only cells whose final review is on or after DATE (YYYY-MM-DD).")
+    ] = None,
+    version: Annotated[str | None, typer.Option(help="Version name; default: the out folder's name.")] = None,
+) -> None:
+    from datetime import UTC, datetime
+
+    from app.ml.adapt import AdaptConfig, check_enough
+    from app.ml.adapt import adapt as run_adaptation
+    from app.services.actors import SYSTEM
+    from app.services.images import ImageStore
+    from app.services.site_data import load_site_cells
+
+    start = None
+    if since is not None:
+        try:
+            start = datetime.fromisoformat(since).replace(tzinfo=UTC)
+        except ValueError:
+            fail("--since must be a date, YYYY-MM-DD")
+    try:
+        with _admin_session() as session:
+            cells = load_site_cells(session, ImageStore(), SYSTEM, start)
+        check_enough(cells)
+        typer.echo(f"{len(cells)} reviewed cells from {len({c.group for c in cells})} accessions", err=True)
+        card = run_adaptation(
+            cells, base, out, base_data, AdaptConfig(epochs=epochs, learning_rate=learning_rate), version, since
+        )
+    except PapcadError as exc:
+        fail(str(exc))
+    summary = card["adaptation"]
+    typer.echo(
+        json.dumps({"site": summary["site_metrics"], "base_test": summary["base_test_metrics"]}, indent=2), err=True
+    )
+    typer.echo(str(out))
+
+
+@cli.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     model: Annotated[Path | None, typer.Option(help="Model directory; default: the configured model.")] = None,
@@ -123,6 +217,9 @@ def predict(
                 abnormal_probability=round(prediction.abnormal_probability, 6),
                 probabilities={k: round(v, 6) for k, v in prediction.probabilities.items()},
                 model_version=prediction.model_version,
+                in_distribution=prediction.in_distribution,
+                ood_score=None if prediction.ood_score is None else round(prediction.ood_score, 4),
+                input_flags=prediction.input_flags,
             )
         except PapcadError as exc:
             failed = True
@@ -133,6 +230,16 @@ def predict(
         raise typer.Exit(code=1)
 
 
+def _wait_for_database(settings) -> None:
+    """Retry an unreachable database for PAPCAD_DB_STARTUP_TIMEOUT_SECONDS, then exit with one line."""
+    from app.db.startup import DatabaseUnavailableError, wait_for_database
+
+    try:
+        wait_for_database(settings.effective_database_url, settings.db_startup_timeout_seconds)
+    except DatabaseUnavailableError as exc:
+        fail(str(exc))
+
+
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -141,6 +248,9 @@ def serve(
     """Run the web server (migrates the database and loads the model at start-up)."""
     import uvicorn
 
+    from app.config import get_settings
+
+    _wait_for_database(get_settings())
     from app.main import create_app
 
     uvicorn.run(create_app(), host=host, port=port, proxy_headers=True)
@@ -158,7 +268,6 @@ def worker(
     from app.config import get_settings
     from app.db.migrate import upgrade_to_head
     from app.db.session import make_engine, make_session_factory
-    from app.ml.classifier import Classifier
     from app.services.images import ImageStore
     from app.worker import Worker
 
@@ -166,13 +275,18 @@ def worker(
     settings = get_settings()
     overrides = {"worker_batch_size": batch_size, "worker_lease_seconds": lease_seconds}
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    upgrade_to_head(settings.effective_database_url)
-    try:
-        classifier = Classifier.load(settings.model_dir)
+    _wait_for_database(settings)
+    upgrade_to_head(settings.effective_database_url, settings.migration_database_url)
+    from app.services.registry import start_models
+
+    url = settings.effective_database_url
+    engine = make_engine(url, settings.pool_size, settings.max_overflow, settings.pool_timeout)
+    sessions = make_session_factory(engine)
+    try:  # the registry's active model, followed while running (promotion needs no restart)
+        models = start_models(sessions, settings)
     except PapcadError as exc:
         fail(str(exc))
-    sessions = make_session_factory(make_engine(settings.effective_database_url))
-    Worker(sessions, classifier, ImageStore(settings.image_dir), settings, name=name).run_forever()
+    Worker(sessions, models, ImageStore(), settings, name=name).run_forever()
 
 
 @cli.command()
@@ -183,7 +297,8 @@ def migrate() -> None:
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade_to_head(settings.effective_database_url)
+    _wait_for_database(settings)
+    upgrade_to_head(settings.effective_database_url, settings.migration_database_url)
     typer.echo("database is at the newest schema")
 
 
@@ -201,7 +316,7 @@ def _admin_session():
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade_to_head(settings.effective_database_url)
+    upgrade_to_head(settings.effective_database_url, settings.migration_database_url)
     return session_scope(make_session_factory(make_engine(settings.effective_database_url)))
 
 
@@ -267,6 +382,81 @@ def apikey_revoke(name: Annotated[str, typer.Option(help="Name of the client.")]
     except PapcadError as exc:
         fail(str(exc))
     typer.echo(f"revoked API key {name}")
+
+
+model_cli = typer.Typer(
+    help="The model registry: which model versions the server knows and which one serves.", no_args_is_help=True
+)
+cli.add_typer(model_cli, name="model")
+
+
+def _print_versions(rows) -> None:
+    for row in rows:
+        metrics = (row.card or {}).get("metrics") or {}
+        accuracy = metrics.get("binary_accuracy")
+        shown = f"binary {accuracy:.1%} on {metrics.get('split', 'test')}" if accuracy is not None else ""
+        typer.echo(
+            f"{row.status:9} {row.version:40} {row.weights_sha256[:12]}  {row.changed_by:24} "
+            f"{row.changed_at:%Y-%m-%d %H:%M}  {shown}"
+        )
+
+
+@model_cli.command("list")
+def model_list() -> None:
+    """Registered versions: status, version, weights, who changed it last and when, headline metric."""
+    from app.services import registry
+
+    with _admin_session() as session:
+        _print_versions(registry.list_versions(session))
+
+
+@model_cli.command("register")
+def model_register(
+    directory: Annotated[Path, typer.Argument(help="Model directory (its weights are checked against its card).")],
+    promote: Annotated[bool, typer.Option(help="Make it the active model at once.")] = False,
+) -> None:
+    """Register a model directory as a candidate (scored silently in shadow mode until promoted)."""
+    from app.services import registry
+    from app.services.actors import SYSTEM
+
+    try:
+        with _admin_session() as session:
+            row = registry.register(session, SYSTEM, directory)
+            if promote:
+                registry.promote(session, SYSTEM, row.version)
+            typer.echo(f"{row.version}: {row.status}")
+    except PapcadError as exc:
+        fail(str(exc))
+
+
+@model_cli.command("promote")
+def model_promote(version: Annotated[str, typer.Argument(help="A registered version.")]) -> None:
+    """Make a registered version the active model; running servers and workers switch within seconds."""
+    from app.services import registry
+    from app.services.actors import SYSTEM
+
+    try:
+        with _admin_session() as session:
+            row = registry.promote(session, SYSTEM, version)
+            typer.echo(f"{row.version} is now the active model")
+    except PapcadError as exc:
+        fail(str(exc))
+
+
+@model_cli.command("rollback")
+def model_rollback(
+    to: Annotated[str | None, typer.Option(help="Version to go back to; default: the one active before.")] = None,
+) -> None:
+    """Go back to the previously active model in one step (the current one retires)."""
+    from app.services import registry
+    from app.services.actors import SYSTEM
+
+    try:
+        with _admin_session() as session:
+            row = registry.rollback(session, SYSTEM, to)
+            typer.echo(f"{row.version} is now the active model")
+    except PapcadError as exc:
+        fail(str(exc))
 
 
 def main() -> None:

@@ -110,7 +110,6 @@ def throwaway_settings(folder: Path, model_dir: Path, **overrides) -> Settings:
         data_dir=folder,
         database_url=f"sqlite:///{folder / 'papcad.db'}",
         model_dir=model_dir,
-        secret_key="bench",
         **overrides,
     )
 

@@ -9,8 +9,9 @@ from sqlalchemy.orm import Session
 from app.context import AppContext
 from app.db.models import User
 from app.errors import AuthenticationError, PermissionDeniedError
+from app.http import sessions as browser_sessions
 from app.security import csrf_matches
-from app.services.accounts import client_for_key
+from app.services.accounts import authentication_failed, client_for_key
 from app.services.actors import Actor
 
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -26,36 +27,47 @@ def get_session(context: Annotated[AppContext, Depends(get_context)]) -> Iterato
 
 
 def session_user(request: Request, session: Session) -> User | None:
-    """The active user of the browser session, if any."""
-    user_id = request.session.get("user_id")
-    if user_id is None:
-        return None
-    user = session.get(User, user_id)
-    if user is None or not user.active:
-        request.session.clear()
-        return None
-    return user
+    """The active user of the browser's server-side session, if any (revoked, expired or idle
+    sessions are refused, audited, and their cookie cleared)."""
+    found = browser_sessions.current(request, session)
+    return found.user if found is not None else None
 
 
 def get_actor(request: Request, session: Annotated[Session, Depends(get_session)]) -> Actor:
     """API callers use `Authorization: Bearer <key>`; a signed-in browser may use its session,
     with the X-CSRF-Token header on anything that changes data."""
     authorization = request.headers.get("authorization")
+    address = browser_sessions.client_address(request)
     if authorization:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
+            authentication_failed(session, "apikey", "malformed Authorization header", address)
             raise AuthenticationError("use 'Authorization: Bearer <API key>'")
-        return Actor.of_client(client_for_key(session, key.strip()))
+        return Actor.of_client(client_for_key(session, key.strip(), address))
     user = session_user(request, session)
     if user is None:
         raise AuthenticationError("authentication required: send 'Authorization: Bearer <API key>'")
     if request.method not in SAFE_METHODS and not csrf_matches(
-        request.session.get("csrf"), request.headers.get("x-csrf-token")
+        browser_sessions.expected_csrf(request, session), request.headers.get("x-csrf-token")
     ):
         raise PermissionDeniedError("missing or wrong X-CSRF-Token header for a browser session")
     return Actor.of_user(user)
 
 
+def release(session: Session) -> None:
+    """End the session's transaction so its pooled connection goes back at once: a request must
+    not hold one while it reads an upload, waits for the model or for a second connection. The
+    session stays usable (loaded objects are kept) and checks a connection out again if used."""
+    session.commit()
+
+
+def get_released_actor(request: Request, session: Annotated[Session, Depends(get_session)]) -> Actor:
+    """The caller (see get_actor), with the request's connection back in the pool."""
+    actor = get_actor(request, session)
+    release(session)
+    return actor
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
-ActorDep = Annotated[Actor, Depends(get_actor)]
+ActorDep = Annotated[Actor, Depends(get_released_actor)]
 ContextDep = Annotated[AppContext, Depends(get_context)]

@@ -1,24 +1,46 @@
-"""Liveness and readiness: the only routes without authentication."""
+"""Liveness and readiness: the only routes without authentication (with /metrics).
 
-from fastapi import APIRouter
-from sqlalchemy import text
+Readiness never waits on the request pool: it uses the context's one-connection probe engine in
+a thread of its own, and answers 503 when the database cannot be asked within READY_TIMEOUT_S,
+so a load balancer gets an answer within a second even when every pooled connection is taken.
+"""
 
-from app.api.deps import ContextDep
+import asyncio
+
+from fastapi import APIRouter, Request
+from sqlalchemy import Engine, text
+
 from app.api.problems import problem
 
 router = APIRouter(tags=["health"])
 
+READY_TIMEOUT_S = 0.8
+
 
 @router.get("/healthz")
-def healthz() -> dict:
+async def healthz() -> dict:
     return {"status": "ok"}
 
 
+def _ping(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
 @router.get("/readyz")
-def readyz(context: ContextDep):
+async def readyz(request: Request):
+    """Database reachable (through the probe engine) and the model's version."""
+    context = request.app.state.context
     try:
-        with context.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        await asyncio.wait_for(asyncio.to_thread(_ping, context.probe_engine), timeout=READY_TIMEOUT_S)
+    except TimeoutError:
+        return problem(503, f"database did not answer within {READY_TIMEOUT_S} s", headers={"Retry-After": "1"})
     except Exception as exc:  # any driver error means "not ready"
-        return problem(503, f"database not reachable: {type(exc).__name__}")
-    return {"status": "ready", "database": context.engine.dialect.name, "model_version": context.classifier.version}
+        return problem(503, f"database not reachable: {type(exc).__name__}", headers={"Retry-After": "1"})
+    classifier = context.classifier
+    return {
+        "status": "ready",
+        "database": context.engine.dialect.name,
+        "model_version": classifier.version,
+        "typical_cell_check": classifier.ood is not None,
+    }

@@ -1,6 +1,7 @@
 """Errors as RFC 9457 `application/problem+json` for the API, plain pages for the browser."""
 
 from http import HTTPStatus
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -8,6 +9,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import errors
+from app.http.sessions import signed_in_csrf
 
 STATUS_FOR_ERROR: list[tuple[type[errors.PapcadError], int]] = [
     (errors.ImageTooLargeError, 413),
@@ -36,12 +38,21 @@ def _wants_html(request: Request) -> bool:
 def _respond(request: Request, status: int, detail: str, headers: dict[str, str] | None = None, **extra) -> Response:
     if _wants_html(request):
         if status == 401:
-            return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target, safe='/')}", status_code=303)
         templates = request.app.state.templates
+        # The signed-in user, when the page's own dependency found one, keeps the menu on error pages.
+        actor = getattr(request.state, "actor", None)
         return templates.TemplateResponse(
             request,
             "error.html",
-            {"status": status, "title": HTTPStatus(status).phrase, "detail": detail},
+            {
+                "status": status,
+                "title": HTTPStatus(status).phrase,
+                "detail": detail,
+                "actor": actor,
+                "csrf": signed_in_csrf(request) if actor else "",
+            },
             status_code=status,
         )
     if status == 401:

@@ -7,7 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.models import Prediction, Review
 from app.ml.classes import BETHESDA_HINT, CLASS_LABELS
-from app.services.predictions import CallPolicy, final_label
+from app.services.calls import CallPolicy
+from app.services.predictions import final_label
 
 NOTICE = (
     "Computer-generated suggestion from a machine-learning model. "
@@ -21,6 +22,9 @@ class ReviewIn(BaseModel):
     action: Literal["confirm", "override"]
     label: str | None = Field(default=None, description="Required for override: one of the 7 class names.")
     comment: str | None = Field(default=None, max_length=2000)
+    reason: str | None = Field(
+        default=None, max_length=2000, description="Required when the cell is already reviewed: why it is amended."
+    )
 
 
 class ReviewOut(BaseModel):
@@ -30,6 +34,8 @@ class ReviewOut(BaseModel):
     comment: str | None
     reviewer: str
     reviewer_role: str
+    amends_review_id: int | None = Field(description="The review this one amends; null for a first review.")
+    amend_reason: str | None
     created_at: datetime
 
     @classmethod
@@ -41,6 +47,8 @@ class ReviewOut(BaseModel):
             comment=review.comment,
             reviewer=review.reviewer.username,
             reviewer_role=review.reviewer.role,
+            amends_review_id=review.amends_review_id,
+            amend_reason=review.amend_reason,
             created_at=review.created_at,
         )
 
@@ -54,7 +62,19 @@ class PredictionOut(BaseModel):
     abnormal_probability: float = Field(description="Sum of the 4 abnormal classes' calibrated probabilities.")
     abnormal_threshold: float = Field(description="The lab's P(abnormal) cut-off in force when read.")
     abnormal_call: Literal["normal", "abnormal"]
-    needs_review: bool = Field(description="P(abnormal) lies within the configured uncertainty band of the cut-off.")
+    needs_review: bool = Field(description="A person must look: true when review_reasons is not empty.")
+    review_reasons: list[str] = Field(
+        description="Short reasons: near the cut-off, top class and cut-off call disagree, not a typical cell, "
+        "input checks (size, flat image, exposure, bit depth, palette, transparency, aspect ratio)."
+    )
+    in_distribution: bool | None = Field(
+        description="False: not a typical cell (OOD score over 1). Null when the model has no OOD model."
+    )
+    ood_score: float | None = Field(
+        description="Feature-space distance to the training cells over the cut-off that keeps 95 % of validation "
+        "cells: <= 1 typical, > 1 not a typical cell."
+    )
+    input_flags: list[str] = Field(description="What the input checks found odd in the uploaded file.")
     bethesda_hint: str
     model_version: str
     weights_sha256: str
@@ -69,6 +89,7 @@ class PredictionOut(BaseModel):
 
     @classmethod
     def of(cls, p: Prediction, policy: CallPolicy) -> "PredictionOut":
+        reasons = policy.review_reasons(p)
         return cls(
             id=p.id,
             accession_id=p.accession_id,
@@ -78,7 +99,11 @@ class PredictionOut(BaseModel):
             abnormal_probability=p.abnormal_probability,
             abnormal_threshold=policy.abnormal_threshold,
             abnormal_call="abnormal" if policy.is_abnormal(p.abnormal_probability) else "normal",
-            needs_review=policy.needs_review(p.abnormal_probability),
+            needs_review=bool(reasons),
+            review_reasons=reasons,
+            in_distribution=p.in_distribution,
+            ood_score=p.ood_score,
+            input_flags=p.input_flags or [],
             bethesda_hint=BETHESDA_HINT[p.predicted_class],
             model_version=p.model_version,
             weights_sha256=p.weights_sha256,
@@ -133,6 +158,10 @@ class BatchItemOut(BaseModel):
     error: str | None
     qc_sample: bool
     uncertainty: float | None = Field(description="1 - |2 P(abnormal) - 1|: 1 = coin flip, 0 = sure.")
+    needs_review: bool | None = Field(description="As the prediction's; null until the cell is classified.")
+    review_reasons: list[str] = Field(description="As the prediction's; empty until the cell is classified.")
+    in_distribution: bool | None = Field(description="As the prediction's: false = not a typical cell.")
+    ood_score: float | None = Field(description="As the prediction's: > 1 = not a typical cell.")
     prediction: PredictionOut | None
 
 
@@ -141,3 +170,74 @@ class BatchItemPage(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class CaseReportOut(BaseModel):
+    sequence: int = Field(description="1: the sign-out; 2, 3, ...: amendments, each kept beside the ones before.")
+    kind: Literal["sign_out", "amendment"]
+    interpretation: str
+    interpretation_label: str
+    suggested: str = Field(description="The rule's suggestion when this report was written.")
+    comment: str | None
+    reason: str | None = Field(description="Why it was amended (amendments only).")
+    pathologist: str
+    created_at: datetime
+
+
+class CaseCellOut(BaseModel):
+    prediction_id: int
+    batch_id: int | None
+    batch_item_id: int | None
+    file_name: str | None
+    predicted_class: str
+    abnormal_probability: float
+    abnormal_call: Literal["normal", "abnormal"]
+    review_reasons: list[str]
+    qc_sample: bool
+    final_label: str | None
+    overridden: bool
+    must_review: bool = Field(description="Unreviewed, and called abnormal, flagged needs review or QC-sampled.")
+
+
+class CaseOut(BaseModel):
+    accession_id: str
+    status: Literal["open", "in_review", "referred", "signed_out"]
+    amended: bool
+    cells: int
+    reviewed: int
+    unreviewed: int
+    must_review: int = Field(description="Cells a person must review before sign-out.")
+    pending: int = Field(description="Batch cells still being classified.")
+    failed: int = Field(description="Batch files that could not be classified.")
+    batch_ids: list[int]
+    counts_by_call: dict[str, int] = Field(description="Cells per model top class.")
+    counts_by_cutoff: dict[str, int] = Field(description="Cells per call at the lab's P(abnormal) cut-off.")
+    counts_by_final_label: dict[str, int] = Field(description="Cells per final (latest reviewed) label, or unreviewed.")
+    qc_sample: dict[str, int] = Field(description="sampled, reviewed, confirmed_normal, found_abnormal.")
+    suggested_interpretation: Literal["NILM", "LSIL", "HSIL", "UNSATISFACTORY"]
+    suggested_label: str
+    suggestion_reasons: list[str]
+    referred_by: str | None
+    referred_at: datetime | None
+    referral_note: str | None
+    interpretation: str | None = Field(description="The signed-out (or latest amended) interpretation.")
+    reports: list[CaseReportOut]
+    most_suspicious: list[CaseCellOut] = Field(description="All cells, highest P(abnormal) first.")
+    notice: str = NOTICE
+
+
+class ReferIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class SignOutIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    interpretation: str = Field(description="NILM, ASC-US, ASC-H, LSIL, HSIL, SCC, AGC or UNSATISFACTORY.")
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class AmendIn(SignOutIn):
+    reason: str = Field(min_length=1, max_length=2000, description="Why the signed-out report is amended.")

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -67,8 +68,38 @@ class ApiClient(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class UserSession(Base):
+    """A signed-in browser. The cookie holds a random token; only its SHA-256 is kept here, so
+    sign-out or an administrator can end the session at once."""
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+class LoginFailure(Base):
+    """A failed sign-in, counted per account and per client address to throttle guessing."""
+
+    __tablename__ = "login_failures"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    address: Mapped[str] = mapped_column(String(64), index=True)
+
+
 class StoredImage(Base):
-    """An uploaded image, stored once by content hash in the configured image directory."""
+    """An uploaded image, stored once by content hash; its bytes are in ImageData."""
 
     __tablename__ = "images"
 
@@ -78,15 +109,27 @@ class StoredImage(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     byte_size: Mapped[int] = mapped_column(Integer)
-    storage_path: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ImageData(Base):
+    """The bytes of a stored image, in the database so that every server and worker reads them
+    with DATABASE_URL alone. A table of its own, so listing predictions never loads image bytes."""
+
+    __tablename__ = "image_data"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Prediction(Base):
     """The model's output for one image. Never updated: reviews are separate rows."""
 
     __tablename__ = "predictions"
-    __table_args__ = (UniqueConstraint("api_client_id", "idempotency_key", name="uq_predictions_idempotency"),)
+    __table_args__ = (
+        UniqueConstraint("api_client_id", "idempotency_key", name="uq_predictions_idempotency"),
+        UniqueConstraint("user_id", "idempotency_key", name="uq_predictions_user_idempotency"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
@@ -101,6 +144,11 @@ class Prediction(Base):
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     api_client_id: Mapped[int | None] = mapped_column(ForeignKey("api_clients.id"))
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    # Out-of-distribution score (<= 1 typical; None without an OOD model) and what the input checks found
+    # (SQL NULL when nothing, so the review queue can filter on it in any database).
+    in_distribution: Mapped[bool | None] = mapped_column(Boolean)
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    input_flags: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
     image: Mapped[StoredImage] = relationship(lazy="joined")
@@ -120,6 +168,9 @@ class Review(Base):
     action: Mapped[str] = mapped_column(String(16))  # confirm | override
     label: Mapped[str] = mapped_column(String(32))
     comment: Mapped[str | None] = mapped_column(Text)
+    # A review of an already reviewed cell amends the one before it, and says why.
+    amends_review_id: Mapped[int | None] = mapped_column(ForeignKey("reviews.id"))
+    amend_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     reviewer: Mapped[User] = relationship(lazy="joined")
@@ -177,3 +228,76 @@ class BatchItem(Base):
 
     image: Mapped[StoredImage | None] = relationship(lazy="joined")
     prediction: Mapped[Prediction | None] = relationship(lazy="joined")
+
+
+class Case(Base):
+    """A specimen (LIS accession): all its cells, from single uploads and batches. The row exists once
+    someone acts on the case (referral, sign-out); the cells are found by their accession id."""
+
+    __tablename__ = "cases"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    accession_id: Mapped[str] = mapped_column(String(64), unique=True)
+    referred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    referred_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    referral_note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    referred_by: Mapped[User | None] = relationship(lazy="joined")
+    reports: Mapped[list["CaseReport"]] = relationship(order_by="CaseReport.sequence", lazy="selectin")
+
+
+class CaseReport(Base):
+    """A sign-out (sequence 1) or an amendment of it (2, 3, ...). Never updated: an amendment is a new
+    row beside the original."""
+
+    __tablename__ = "case_reports"
+    __table_args__ = (UniqueConstraint("case_id", "sequence", name="uq_case_reports_sequence"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    sequence: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # sign_out | amendment
+    interpretation: Mapped[str] = mapped_column(String(32))
+    suggested: Mapped[str] = mapped_column(String(32))  # the rule's suggestion when it was written
+    comment: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)  # why it was amended
+    author_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    author: Mapped[User] = relationship(lazy="joined")
+
+
+class ModelVersion(Base):
+    """A model directory the server knows: candidate (registered, scored in shadow), active (serving) or
+    retired. Every change of status is also on the audit trail."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    directory: Mapped[str] = mapped_column(String(1024))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # candidate | active | retired
+    card: Mapped[dict | None] = mapped_column(JSON)  # the model card as registered, for the admin page
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    changed_by: Mapped[str] = mapped_column(String(96))
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ShadowPrediction(Base):
+    """A candidate model's silent call on a cell that the active model classified; never shown to a
+    reviewer, only compared with the final label on the monitoring page."""
+
+    __tablename__ = "shadow_predictions"
+    __table_args__ = (UniqueConstraint("prediction_id", "weights_sha256", name="uq_shadow_predictions_model"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"), index=True)
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    probabilities: Mapped[dict] = mapped_column(JSON)
+    predicted_class: Mapped[str] = mapped_column(String(32))
+    abnormal_probability: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -4,9 +4,11 @@
         weights.npz        every variable as float16, keyed by variable path
         model_card.json    classes, grouping, input spec, provenance, recipe, data, metrics, hash
         metrics.json       the evaluation command's full output
+        ood.npz            optional: the out-of-distribution model (card section "ood", with its SHA-256)
+        robustness.json    optional: metrics under image shifts (card section "robustness")
         *.png              curves, confusion matrices, ROC
 
-The card's `weights_sha256` is checked before any weight is loaded.
+The card's `weights_sha256` (and the OOD file's `ood.sha256`) is checked before anything is loaded.
 """
 
 import hashlib
@@ -38,16 +40,30 @@ def write_card(model_dir: Path, card: dict) -> None:
     (Path(model_dir) / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
 
 
-def verified_weights_path(model_dir: Path, card: dict) -> Path:
-    """The weights file, after checking it against the card's SHA-256."""
-    path = Path(model_dir) / card.get("weights_file", WEIGHTS_FILE)
+def verified_file(model_dir: Path, name: str, expected: str | None, what: str) -> Path:
+    """A file of the model directory, after checking it against the SHA-256 its card names."""
+    path = Path(model_dir) / name
+    if Path(name).name != name:
+        raise ModelIntegrityError(f"the model card names {what} {name!r} outside the model directory")
     if not path.is_file():
-        raise ModelIntegrityError(f"weights file missing: {path}")
-    expected = card.get("weights_sha256")
+        raise ModelIntegrityError(f"{what} missing: {path}")
     actual = sha256_file(path)
     if actual != expected:
         raise ModelIntegrityError(
-            f"weights file {path} has SHA-256 {actual} but the model card says {expected}; "
+            f"{what} {path} has SHA-256 {actual} but the model card says {expected}; "
             "refusing to load a model that does not match its card"
         )
     return path
+
+
+def verified_weights_path(model_dir: Path, card: dict) -> Path:
+    """The weights file, after checking it against the card's SHA-256."""
+    return verified_file(model_dir, card.get("weights_file", WEIGHTS_FILE), card.get("weights_sha256"), "weights file")
+
+
+def verified_ood_path(model_dir: Path, card: dict) -> Path | None:
+    """The out-of-distribution model named in the card's "ood" section, checked; None when the card has none."""
+    section = card.get("ood")
+    if not section:
+        return None
+    return verified_file(model_dir, section.get("file", ""), section.get("sha256"), "out-of-distribution file")

@@ -1,36 +1,49 @@
 """`Classifier`: the one interface the rest of PapCAD uses to get a model's call on cells."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from app.errors import ModelIntegrityError
-from app.ml.artifact import read_card, verified_weights_path
+from app.ml.artifact import read_card, verified_ood_path, verified_weights_path
 from app.ml.calibration import apply_temperature
 from app.ml.classes import ABNORMAL_CLASSES, CLASS_NAMES
 from app.ml.inference import Predictor
+from app.ml.input_checks import as_sent, input_flags
 from app.ml.model import build_model, load_weights
-from app.ml.preprocessing import InputSpec, prepare_batch
+from app.ml.ood import FeatureDistance
+from app.ml.preprocessing import InputSpec, decode_image, prepare_image
 
 
 @dataclass(frozen=True)
 class Prediction:
+    """The model's call on one image, and how far that image is from what the model knows.
+
+    in_distribution / ood_score: None when the model directory has no OOD model; a score > 1 is
+    beyond the cut-off (not a typical cell). input_flags: what `input_checks` found odd in the file.
+    """
+
     probabilities: dict[str, float]
     predicted_class: str
     abnormal_probability: float
     model_version: str
+    in_distribution: bool | None = None
+    ood_score: float | None = None
+    input_flags: list[str] = field(default_factory=list)
 
 
 class Classifier:
     """A loaded, verified model: images in, per-class probabilities out."""
 
-    def __init__(self, model_dir: Path, card: dict, predictor: Predictor):
+    def __init__(self, model_dir: Path, card: dict, predictor: Predictor, ood: FeatureDistance | None = None):
         self.model_dir = Path(model_dir)
         self.card = card
         self.predictor = predictor
+        # Without an OOD model (older model directories) predictions carry in_distribution=None.
+        self.ood = ood
         self.version: str = card["version"]
         self.weights_sha256: str = card["weights_sha256"]
         self.class_names: tuple[str, ...] = tuple(card["class_names"])
@@ -43,8 +56,10 @@ class Classifier:
         self.abnormal_threshold: float = float((card.get("abnormal_threshold") or {}).get("value", 0.5))
 
     @classmethod
-    def load(cls, model_dir: Path | str, batch_size: int = 32) -> "Classifier":
+    def load(cls, model_dir: Path | str, batch_size: int = 32, with_ood: bool = True) -> "Classifier":
         """Read the card, check the weights' SHA-256, build the network and load the weights.
+
+        with_ood=False skips the card's OOD model (for refitting it).
 
         Raises ModelIntegrityError for anything wrong with the directory, never a bare KeyError.
         """
@@ -63,14 +78,22 @@ class Classifier:
             )
             load_weights(model, weights_path)
             predictor = Predictor(model, tta=card.get("tta", "none"), batch_size=batch_size)
-            return cls(model_dir, card, predictor)
-        except (KeyError, TypeError, ValueError) as exc:
+            ood_path = verified_ood_path(model_dir, card) if with_ood else None
+            ood = FeatureDistance.load(ood_path) if ood_path else None
+            if ood is not None and ood.precision.shape[0] != predictor.model.get_layer("gap").output.shape[-1]:
+                raise ValueError("the OOD model's feature size does not match the network")
+            return cls(model_dir, card, predictor, ood)
+        except (KeyError, TypeError, ValueError, OSError) as exc:
             raise ModelIntegrityError(f"model directory {model_dir} is not usable: {exc!r}") from exc
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Prepared uint8 pixels (n, size, size, 3) -> (n, classes) calibrated probabilities."""
-        raw = self.predictor(pixels)
-        return raw if self.temperature == 1.0 else apply_temperature(raw, self.temperature)
+        return self.predict_pixels_with_features(pixels)[0]
+
+    def predict_pixels_with_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared pixels -> calibrated probabilities and the pooled features, from one forward pass."""
+        raw, features = self.predictor.with_features(pixels)
+        return (raw if self.temperature == 1.0 else apply_temperature(raw, self.temperature)), features
 
     def predict(self, images: Sequence[bytes | Image.Image]) -> list[Prediction]:
         """Cell images (file bytes or PIL) -> one Prediction each, in order.
@@ -79,13 +102,25 @@ class Classifier:
         """
         if not images:
             return []
-        probs = self.predict_pixels(prepare_batch(list(images), self.spec))
-        return [self._to_prediction(row) for row in probs]
+        probs, features, flags = self.analyse(images)
+        scores = self.ood.scores(features) if self.ood is not None else [None] * len(probs)
+        return [self._to_prediction(*row) for row in zip(probs, scores, flags, strict=True)]
 
-    def _to_prediction(self, row: np.ndarray) -> Prediction:
+    def analyse(self, images: Sequence[bytes | Image.Image]) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        """Calibrated probabilities, pooled features and input flags of images, in one forward pass."""
+        decoded = [decode_image(image) for image in images]
+        flags = [input_flags(as_sent(image), rgb) for image, rgb in zip(images, decoded, strict=True)]
+        pixels = np.stack([prepare_image(rgb, self.spec) for rgb in decoded])
+        probs, features = self.predict_pixels_with_features(pixels)
+        return probs, features, flags
+
+    def _to_prediction(self, row: np.ndarray, score: float | None, flags: list[str]) -> Prediction:
         return Prediction(
             probabilities={name: float(p) for name, p in zip(self.class_names, row, strict=False)},
             predicted_class=self.class_names[int(np.argmax(row))],
             abnormal_probability=float(row[self._abnormal_mask].sum()),
             model_version=self.version,
+            in_distribution=None if score is None else bool(score <= 1.0),
+            ood_score=None if score is None else float(score),
+            input_flags=flags,
         )

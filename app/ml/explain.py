@@ -45,25 +45,48 @@ class GradCam:
         return self._cam(tf.constant(pixels[None]), tf.constant(class_index, tf.int32)).numpy()
 
 
-def heatmap_on_image(heat: np.ndarray, image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Bring the map from network-input space back onto the original crop, as a float (h, w) array."""
-    size = spec.size
-    square = Image.fromarray((heat * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
+# The overlay PNG is drawn at most this many pixels on its longest side, in the image's aspect:
+# the page scales it over the image, and memory stays bounded whatever the upload's size.
+MAX_OVERLAY_SIDE = 1024
+INFERNO = (matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def overlay_size(size: tuple[int, int], max_side: int = MAX_OVERLAY_SIDE) -> tuple[int, int]:
+    """The image's size, shrunk (same aspect) so its longest side is at most max_side."""
+    width, height = size
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def heatmap_on_image(
+    heat: np.ndarray, image: Image.Image, spec: InputSpec, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Bring the map from network-input space back onto the original crop, as a float (h, w) array.
+
+    size: the output's (width, height), default the image's; the map is coarse, so a smaller
+    output of the same aspect loses nothing.
+    """
+    size = size or image.size
+    square = Image.fromarray((heat * 255).astype(np.uint8)).resize((spec.size, spec.size), Image.Resampling.BILINEAR)
     if spec.fit == "pad":
         # The crop sits centred on a canvas; cut its region back out of the map.
         scale = min(1.0, spec.canvas / max(image.size))
         w, h = round(image.width * scale), round(image.height * scale)
-        factor = size / spec.canvas
+        factor = spec.size / spec.canvas
         left, top = (spec.canvas - w) // 2 * factor, (spec.canvas - h) // 2 * factor
         square = square.crop((round(left), round(top), round(left + w * factor), round(top + h * factor)))
-    return np.asarray(square.resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return np.asarray(square.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
 
 
 def heatmap_png(cam: GradCam, data: bytes | Image.Image, spec: InputSpec, class_index: int) -> bytes:
-    """A colour PNG of the Grad-CAM map at the original image's size (inferno colour map)."""
+    """A colour PNG (inferno) of the Grad-CAM map, in the image's aspect, at most MAX_OVERLAY_SIDE px a side.
+
+    Grad-CAM runs at the network's resolution and the map is upsampled only to the overlay's size,
+    so a large upload costs its decoded pixels and no more.
+    """
     image = decode_image(data)
-    heat = heatmap_on_image(cam.heatmap(prepare_image(image, spec), class_index), image, spec)
-    colours = (matplotlib.colormaps["inferno"](heat)[..., :3] * 255).astype(np.uint8)
+    heat = heatmap_on_image(cam.heatmap(prepare_image(image, spec), class_index), image, spec, overlay_size(image.size))
+    colours = INFERNO[np.round(heat * 255).astype(np.uint8)]
     buffer = io.BytesIO()
     Image.fromarray(colours).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -155,3 +155,12 @@ def load_weights(model: keras.Model, path: Path) -> None:
         raise ValueError(f"weights do not fit the network (shape differs for {wrong[:3]})")
     for variable in model.weights:
         variable.assign(arrays[variable.path].astype(variable.dtype))
+
+
+def with_features(model: keras.Model) -> keras.Model:
+    """The same network with a second output: the pooled backbone features (the "gap" layer, before dropout).
+
+    Shares every layer and weight with `model`, so one forward pass yields the call and the features the
+    out-of-distribution score is computed on.
+    """
+    return keras.Model(model.input, [model.output, model.get_layer("gap").output], name=f"{model.name}_features")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from app.errors import InvalidImageError
 
@@ -69,7 +69,18 @@ def decode_image(data: bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Ima
             raise InvalidImageError(f"the image is damaged or truncated ({exc})") from exc
     if image.width < 1 or image.height < 1:
         raise InvalidImageError("the image has no pixels")
-    return image.convert("RGB")
+    return _upright(image).convert("RGB")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as the camera held it (EXIF Orientation applied once, here), so the model, the stored
+    size and the heatmap all see the same upright cell. A damaged EXIF block leaves the pixels as stored."""
+    try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+            return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - malformed EXIF must not refuse an otherwise good image
+        pass
+    return image
 
 
 def _border_colour(pixels: np.ndarray) -> tuple[int, int, int]:

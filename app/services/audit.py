@@ -1,4 +1,5 @@
-"""The append-only audit trail: who did what to which record, reads of predictions included."""
+"""The append-only audit trail: who did what to which record, reads (lists and reports included)
+and refused credentials."""
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,6 +26,34 @@ def record(
             detail=detail or None,
         )
     )
+
+
+def record_apart(
+    session: Session,
+    actor: Actor,
+    action: str,
+    entity_type: str | None = None,
+    entity_id: object = None,
+    **detail: object,
+) -> None:
+    """Store an event at once in its own short transaction, whatever becomes of the caller's:
+    failed sign-ins and refused credentials end in an error, yet must stay on the trail."""
+    with Session(session.get_bind()) as separate:
+        record(separate, actor, action, entity_type, entity_id, **detail)
+        separate.commit()
+
+
+def record_read(
+    session: Session,
+    actor: Actor,
+    action: str,
+    entity_type: str | None = None,
+    entity_id: object = None,
+    **detail: object,
+) -> None:
+    """Store a read (a list, a gallery, a report) that changes nothing else: record and commit."""
+    record(session, actor, action, entity_type, entity_id, **detail)
+    session.commit()
 
 
 def events_for(session: Session, entity_type: str, entity_id: object) -> list[AuditEvent]:

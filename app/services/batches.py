@@ -6,9 +6,13 @@ bad file inside an accepted batch only fails its own item, with the reason.
 
 import csv
 import io
+import lzma
 import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
+from typing import BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,12 +23,17 @@ from app.errors import InputError, InvalidImageError, NotFoundError
 from app.ml.classes import CLASS_NAMES
 from app.services import audit
 from app.services.actors import Actor
+from app.services.calls import CallPolicy
 from app.services.images import ImageStore, check_image
-from app.services.predictions import CallPolicy, final_label, validate_accession_id
+from app.services.predictions import final_label, validate_accession_id
+from app.services.text import has_control_characters, strip_control_characters
 
 QUEUED, PROCESSING, CLASSIFIED, FAILED = "queued", "processing", "classified", "failed"
 ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 ARCHIVE_MAGIC = (b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!", b"BZh", b"\xfd7zXZ")
+READ_CHUNK = 1024 * 1024
+# What a damaged, truncated, encrypted or oddly compressed member raises while it is read.
+UNREADABLE = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError, RuntimeError, OSError)
 
 
 @dataclass(frozen=True)
@@ -33,48 +42,95 @@ class IncomingFile:
     data: bytes
 
 
+def clean_filename(name: str | None, fallback: str) -> str:
+    """A file name fit to store and show: no control characters, at most 255 characters."""
+    return (strip_control_characters(name) or "").strip()[:255] or fallback
+
+
 def _is_ignorable(name: str) -> bool:
     """Folders and the metadata files desktop zip tools add."""
     parts = PurePosixPath(name).parts
     return name.endswith("/") or any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def files_from_zip(data: bytes, settings: Settings) -> list[IncomingFile]:
-    """The files of an archive, or InputError for one that must be refused as a whole."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
-        raise InputError("the archive is not a valid zip file") from exc
-    files: list[IncomingFile] = []
-    expanded = 0
-    with archive:
-        for info in archive.infolist():
-            name = info.filename
-            path = PurePosixPath(name.replace("\\", "/"))
-            if path.is_absolute() or ".." in path.parts or ":" in name:
-                raise InputError(f"the archive is refused: unsafe path {name!r}")
-            if _is_ignorable(name):
-                continue
-            if path.suffix.lower() in ARCHIVE_SUFFIXES:
-                raise InputError(f"the archive is refused: it contains another archive ({name})")
-            expanded += info.file_size
-            if expanded > settings.max_archive_expanded_bytes:
-                raise InputError(
-                    f"the archive is refused: it expands to more than {settings.max_archive_expanded_bytes:,} bytes"
-                )
-            if len(files) >= settings.max_batch_items:
-                raise InputError(f"the archive is refused: more than {settings.max_batch_items} files")
-            with archive.open(info) as member:
-                # Never trust the declared size: read at most what is still allowed, plus one byte.
-                content = member.read(settings.max_archive_expanded_bytes - expanded + info.file_size + 1)
-            if len(content) > info.file_size:
-                raise InputError(f"the archive is refused: {name} is larger than its header says")
-            if content.startswith(ARCHIVE_MAGIC):
-                raise InputError(f"the archive is refused: it contains another archive ({name})")
-            files.append(IncomingFile(path.name, content))
-    if not files:
+def read_capped(stream: BinaryIO, cap: int) -> bytes:
+    """At most cap + 1 bytes, read in chunks: enough to tell an over-size file without holding all of it."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = stream.read(min(READ_CHUNK, cap + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def files_from_uploads(uploads: Iterable[tuple[str | None, BinaryIO]], settings: Settings) -> Iterator[IncomingFile]:
+    """Uploaded files one at a time; an over-size one is read only up to the limit + 1 byte (enough to fail it)."""
+    for index, (filename, stream) in enumerate(uploads):
+        yield IncomingFile(clean_filename(filename, f"image-{index}"), read_capped(stream, settings.max_upload_bytes))
+
+
+def _archive_members(archive: zipfile.ZipFile, settings: Settings) -> list[zipfile.ZipInfo]:
+    """The members to read, after refusing (before decompressing anything) what the directory shows is wrong."""
+    members = []
+    for info in archive.infolist():
+        name = info.filename
+        path = PurePosixPath(name.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or ":" in name:
+            raise InputError(f"the archive is refused: unsafe path {name!r}")
+        if _is_ignorable(name):
+            continue
+        if path.suffix.lower() in ARCHIVE_SUFFIXES:
+            raise InputError(f"the archive is refused: it contains another archive ({name})")
+        members.append(info)
+    if not members:
         raise InputError("the archive holds no files")
-    return files
+    if len(members) > settings.max_batch_items:
+        raise InputError(f"the archive is refused: more than {settings.max_batch_items} files")
+    # Honest headers let a bomb be refused at once; lying ones are caught below on the real bytes.
+    if sum(info.file_size for info in members) > settings.max_archive_expanded_bytes:
+        raise _expands_too_much(settings)
+    return members
+
+
+def _expands_too_much(settings: Settings) -> InputError:
+    return InputError(f"the archive is refused: it expands to more than {settings.max_archive_expanded_bytes:,} bytes")
+
+
+def files_from_zip(source: BinaryIO, settings: Settings) -> Iterator[IncomingFile]:
+    """The files of a zip archive, decompressed one at a time, or InputError for one refused as a whole.
+
+    Sizes are counted on the bytes decompression actually produces, never on the headers: each
+    member is read up to one image's byte limit (+1, so an over-size image fails its own item), and
+    the archive as a whole up to PAPCAD_MAX_ARCHIVE_EXPANDED_BYTES. Only one member is in memory.
+    """
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise InputError("the archive is not a valid zip file") from exc
+    with archive:
+        members = _archive_members(archive, settings)
+        expanded = 0
+        for index, info in enumerate(members):
+            cap = min(settings.max_upload_bytes, settings.max_archive_expanded_bytes - expanded)
+            try:
+                with archive.open(info) as member:
+                    content = read_capped(member, cap)
+            except UNREADABLE as exc:
+                raise InputError(f"the archive is refused: {info.filename} cannot be read ({exc})") from exc
+            if len(content) <= cap and len(content) != info.file_size:
+                raise InputError(
+                    f"the archive is refused: {info.filename} holds {len(content):,} bytes, "
+                    f"its header says {info.file_size:,}"
+                )
+            expanded += len(content)
+            if expanded > settings.max_archive_expanded_bytes:
+                raise _expands_too_much(settings)
+            if content.startswith(ARCHIVE_MAGIC):
+                raise InputError(f"the archive is refused: it contains another archive ({info.filename})")
+            yield IncomingFile(clean_filename(PurePosixPath(info.filename).name, f"image-{index}"), content)
 
 
 def create_batch(
@@ -82,18 +138,19 @@ def create_batch(
     store: ImageStore,
     settings: Settings,
     actor: Actor,
-    files: list[IncomingFile],
+    files: Iterable[IncomingFile],
     name: str | None = None,
     accession_id: str | None = None,
 ) -> Batch:
-    """Store the batch and its items in one transaction; each item is queued or failed."""
-    if not files:
-        raise InputError("a batch needs at least one image")
-    if len(files) > settings.max_batch_items:
-        raise InputError(f"a batch may hold at most {settings.max_batch_items} images")
+    """Store the batch and its items in one transaction; each item is queued or failed.
+
+    `files` is consumed one file at a time (a zip is decompressed as it goes), so memory holds one
+    image whatever the batch size; an error from it (a refused archive) rolls everything back.
+    """
     accession_id = validate_accession_id(accession_id)
+    if has_control_characters(name):
+        raise InputError("the batch name must not contain control characters")
     name = (name or "").strip()[:128] or None
-    written: list[Path] = []
     session = factory()
     try:
         batch = Batch(
@@ -104,8 +161,11 @@ def create_batch(
         )
         session.add(batch)
         session.flush()
-        failed = 0
+        failed = count = 0
         for position, incoming in enumerate(files):
+            if position >= settings.max_batch_items:
+                raise InputError(f"a batch may hold at most {settings.max_batch_items} images")
+            count += 1
             item = BatchItem(batch_id=batch.id, position=position, filename=incoming.filename[:255], attempts=0)
             try:
                 checked = check_image(incoming.data, settings.max_upload_bytes, settings.max_image_pixels)
@@ -113,19 +173,21 @@ def create_batch(
                 item.status, item.error = FAILED, str(exc)
                 failed += 1
             else:
-                image, new_file = store.put(session, checked)
+                image = store.put(session, checked)
                 session.flush()
-                if new_file is not None:
-                    written.append(new_file)
                 item.image_id, item.status = image.id, QUEUED
+                del checked
             session.add(item)
+            session.flush()
+        if not count:
+            raise InputError("a batch needs at least one image")
         audit.record(
             session,
             actor,
             "batch.create",
             "batch",
             batch.id,
-            items=len(files),
+            items=count,
             failed=failed,
             accession_id=accession_id,
         )
@@ -133,8 +195,6 @@ def create_batch(
         return batch
     except BaseException:
         session.rollback()
-        for path in written:
-            path.unlink(missing_ok=True)
         raise
     finally:
         session.close()
@@ -250,9 +310,7 @@ def queue_items(
     if flt.needs_review:
         if policy is None:
             raise ValueError("the needs-review filter needs the lab's call policy")
-        low = policy.abnormal_threshold - policy.uncertainty_band
-        high = policy.abnormal_threshold + policy.uncertainty_band
-        query = query.where(Prediction.abnormal_probability.between(low, high))
+        query = query.where(policy.needs_review_clause())
     items = list(session.scalars(query.order_by(BatchItem.batch_id, BatchItem.position)).unique())
     if flt.order == "suspicion":
         items.sort(key=lambda i: -i.prediction.abnormal_probability if i.prediction else 2.0)
@@ -266,6 +324,17 @@ CSV_COLUMNS = [
     *[f"p_{name}" for name in CLASS_NAMES], "predicted_class", "abnormal_probability", "qc_sample",
     "model_version", "classified_at", "review_action", "final_label", "reviewer", "reviewed_at",
 ]  # fmt: skip
+
+
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A text cell a spreadsheet will not run as a formula (OWASP CSV injection): a leading ' when it
+    starts with = + - @ tab or CR. Numbers are written by us and stay as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS):
+        return "'" + value
+    return value
 
 
 def export_csv(session: Session, actor: Actor, batch_id: int) -> str:
@@ -300,7 +369,7 @@ def export_csv(session: Session, actor: Actor, batch_id: int) -> str:
                 "reviewer": review.reviewer.username if review else "",
                 "reviewed_at": review.created_at.isoformat() if review else "",
             }
-        writer.writerow(row)
+        writer.writerow({key: spreadsheet_safe(value) for key, value in row.items()})
     audit.record(session, actor, "batch.export", "batch", batch.id)
     session.commit()
     return buffer.getvalue()

@@ -25,7 +25,7 @@ class Heatmaps:
             return self._cam
 
     def png(self, prediction: Prediction, image_bytes: bytes, class_name: str | None = None) -> bytes:
-        """PNG of the map for class_name (default: the model's call), at the image's own size."""
+        """PNG of the map for class_name (default: the model's call), in the image's aspect (at most 1024 px a side)."""
         if prediction.weights_sha256 != self.classifier.weights_sha256:
             raise ConflictError(
                 f"prediction {prediction.id} was made by model {prediction.model_version}; this server runs "

@@ -23,6 +23,7 @@ from fhir_core.fhirabstractmodel import FHIRAbstractModel
 
 from app.db.models import Prediction, Review
 from app.ml.classes import BETHESDA_HINT, CLASS_LABELS, CLASS_NAMES
+from app.services.calls import CallPolicy
 
 SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
@@ -112,7 +113,47 @@ def _coded(system: str, code: str, display: str) -> CodeableConcept:
     return CodeableConcept(coding=[Coding(system=system, code=code, display=display)])
 
 
-def _observations(prediction: Prediction, review: Review | None, device: Device, common: dict) -> list[Observation]:
+def _review_observations(prediction: Prediction, policy: CallPolicy | None, observation, by_model: dict) -> list:
+    """Whether the image is a typical cell (OOD score, input checks) and, with the lab's policy, whether a
+    person must review it and why."""
+    made = []
+    if prediction.ood_score is not None:
+        made.append(
+            observation(
+                "ood_score",
+                "Out-of-distribution score of the image (at most 1: a typical cell; over 1: not a typical cell)",
+                valueQuantity=_quantity(prediction.ood_score),
+                **by_model,
+            )
+        )
+    flags = prediction.input_flags or []
+    if prediction.in_distribution is not None or flags:
+        typical = prediction.in_distribution is not False and not flags
+        found = "; ".join(flags + ([] if prediction.in_distribution is not False else ["OOD score over 1"]))
+        made.append(
+            observation(
+                "typical_cell",
+                "The image looks like a typical single-cell crop (false: not a typical cell)",
+                valueBoolean=typical,
+                **{**by_model, "note": [*by_model["note"], *([{"text": found}] if found else [])]},
+            )
+        )
+    if policy is not None:
+        reasons = policy.review_reasons(prediction)
+        made.append(
+            observation(
+                "needs_review",
+                "Needs review by a person (near the cut-off, call disagreement, not a typical cell, input checks)",
+                valueBoolean=bool(reasons),
+                **{**by_model, "note": [*by_model["note"], *({"text": r} for r in reasons)]},
+            )
+        )
+    return made
+
+
+def _observations(
+    prediction: Prediction, review: Review | None, device: Device, common: dict, policy: CallPolicy | None = None
+) -> list[Observation]:
     """The model's outputs (made by the device), then the reviewer's label (made by a person) if any."""
 
     def observation(part: str, text: str, **fields) -> Observation:
@@ -157,6 +198,7 @@ def _observations(prediction: Prediction, review: Review | None, device: Device,
             **by_model,
         )
     )
+    made += _review_observations(prediction, policy, observation, by_model)
     if review is not None:
         made.append(
             observation(
@@ -171,8 +213,11 @@ def _observations(prediction: Prediction, review: Review | None, device: Device,
     return made
 
 
-def build_bundle(prediction: Prediction, issued: datetime | None = None) -> Bundle:
-    """A `collection` bundle: the report first, then its observations and the device that made them."""
+def build_bundle(prediction: Prediction, issued: datetime | None = None, policy: CallPolicy | None = None) -> Bundle:
+    """A `collection` bundle: the report first, then its observations and the device that made them.
+
+    With the lab's call policy it also carries the needs-review flag and its reasons.
+    """
     issued = issued or datetime.now(UTC)
     review = prediction.reviews[-1] if prediction.reviews else None
     status = "final" if review else "preliminary"
@@ -197,7 +242,7 @@ def build_bundle(prediction: Prediction, issued: datetime | None = None) -> Bund
         "issued": issued,
         "specimen": specimen,
     }
-    observations = _observations(prediction, review, device, common)
+    observations = _observations(prediction, review, device, common, policy)
     reviewed = f" Reviewed: final label {CLASS_LABELS[review.label]} ({review.action})." if review else ""
     report = DiagnosticReport(
         id=_id("prediction", prediction.id, "report"),

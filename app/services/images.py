@@ -1,18 +1,16 @@
-"""Uploaded images: checked once, stored once by SHA-256 under the configured directory."""
+"""Uploaded images: checked once, stored once by SHA-256 in the database."""
 
 import hashlib
 import io
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.db.models import StoredImage
-from app.errors import ImageTooLargeError, InvalidImageError
+from app.db.models import ImageData, StoredImage, utcnow
+from app.errors import ImageTooLargeError, InvalidImageError, NotFoundError
 from app.ml.preprocessing import decode_image
 
 ALLOWED_FORMATS = {"BMP", "PNG", "JPEG", "TIFF"}
@@ -41,39 +39,52 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int) -> CheckedImage:
 
 
 class ImageStore:
-    """Content-addressed files: <root>/<first two hex digits>/<sha256>.<ext>."""
+    """Images kept once by SHA-256 in the database (row in `images`, bytes in `image_data`), so any
+    server or worker reads them with DATABASE_URL alone."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def put(self, session: Session, checked: CheckedImage) -> StoredImage:
+        """The row for these bytes, added in the caller's transaction if new.
 
-    def path_for(self, relative: str) -> Path:
-        return self.root / relative
-
-    def put(self, session: Session, checked: CheckedImage) -> tuple[StoredImage, Path | None]:
-        """The row for these bytes, adding file and row if new.
-
-        Returns the path of a newly written file (None if it existed) so a failed transaction
-        can remove it and leave nothing half-stored.
+        Safe when the same new image arrives many times at once: INSERT ... ON CONFLICT DO NOTHING
+        on the unique sha256 lets one transaction add it; the others wait for it and read its row.
         """
         existing = session.scalar(select(StoredImage).where(StoredImage.sha256 == checked.sha256))
         if existing is not None:
-            return existing, None
-        relative = f"{checked.sha256[:2]}/{checked.sha256}.{checked.format.lower()}"
-        target = self.root / relative
-        written = None
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as handle:
-                handle.write(checked.data)
-            os.replace(handle.name, target)
-            written = target
-        row = StoredImage(
+            return existing
+        insert = _insert_for(session)(StoredImage.__table__).values(
             sha256=checked.sha256,
             format=checked.format,
             width=checked.image.width,
             height=checked.image.height,
             byte_size=len(checked.data),
-            storage_path=relative,
+            created_at=utcnow(),
         )
-        session.add(row)
-        return row, written
+        new_id = session.execute(
+            insert.on_conflict_do_nothing(index_elements=["sha256"]).returning(StoredImage.__table__.c.id)
+        ).scalar()
+        if new_id is not None:
+            session.execute(ImageData.__table__.insert().values(image_id=new_id, data=checked.data))
+        return session.scalars(
+            select(StoredImage).where(StoredImage.sha256 == checked.sha256).execution_options(populate_existing=True)
+        ).one()
+
+    def read(self, session: Session, stored: StoredImage | int) -> bytes:
+        """The image's bytes as uploaded; NotFoundError if an image kept before the move to the
+        database had lost its file."""
+        image_id = stored if isinstance(stored, int) else stored.id
+        data = session.scalar(select(ImageData.data).where(ImageData.image_id == image_id))
+        if data is None:
+            raise NotFoundError(f"the bytes of image {image_id} are not stored")
+        return data
+
+    def read_many(self, session: Session, image_ids: list[int]) -> dict[int, bytes]:
+        """Bytes of several images in one query (missing ones are left out)."""
+        if not image_ids:
+            return {}
+        rows = session.execute(select(ImageData.image_id, ImageData.data).where(ImageData.image_id.in_(image_ids)))
+        return {image_id: data for image_id, data in rows}
+
+
+def _insert_for(session: Session):
+    """The dialect's INSERT with ON CONFLICT (PostgreSQL and SQLite spell it the same way)."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert

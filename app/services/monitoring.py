@@ -8,18 +8,19 @@ of its latest review (highest review id, the same rule as `predictions.final_lab
 import math
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Prediction, Review
+from app.db.models import BatchItem, Prediction, Review
 from app.errors import InputError, PermissionDeniedError
-from app.ml.classes import CLASS_LABELS, CLASS_NAMES
+from app.ml.classes import ABNORMAL_CLASSES, CLASS_LABELS, CLASS_NAMES
 from app.roles import Role
 from app.services.actors import Actor
+from app.services.calls import CallPolicy
 
 VIEWER_ROLES = frozenset({Role.ADMIN, Role.PATHOLOGIST})
 
@@ -59,11 +60,66 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class MissedCell:
+    """A cell the model called normal at the cut-off that a reviewer labelled abnormal."""
+
+    prediction_id: int
+    accession_id: str | None
+    batch_item_id: int | None
+    abnormal_probability: float
+    model_class: str
+    final_label: str
+    reviewer: str
+    reviewed_at: datetime
+
+
+@dataclass(frozen=True)
+class QcOutcome:
+    """The QC sample (confident normal calls shown to a person): what the reviewers found."""
+
+    sampled: int
+    reviewed: int
+    confirmed_normal: int
+    found_abnormal: int
+    found_abnormal_ids: list[int]  # prediction ids
+
+
+@dataclass(frozen=True)
+class ReviewerAgreement:
+    """Every review a person made (amended ones too) against the model's top class."""
+
+    reviewer: str
+    role: str
+    reviews: int
+    agreed: int
+    agreement_rate: float | None
+    amended_later: int  # their review was amended by a later one
+
+
+@dataclass(frozen=True)
+class Safety:
+    """The binary call at the lab's cut-off against the final labels: a missed abnormal cell is the costly error."""
+
+    abnormal_threshold: float
+    reviewed: int
+    true_positive: int
+    false_negative: int
+    true_negative: int
+    false_positive: int
+    sensitivity: float | None  # of the cells reviewed abnormal, the share called abnormal
+    specificity: float | None  # of the cells reviewed normal, the share called normal
+    missed: list[MissedCell]
+    qc: QcOutcome
+    reviewers: list[ReviewerAgreement]
+
+
+@dataclass(frozen=True)
 class Report:
     date_from: date | None
     date_to: date | None
     overall: Metrics
     by_version: list[Metrics]
+    safety: Safety | None = None
 
 
 def check_can_view(actor: Actor) -> None:
@@ -143,8 +199,11 @@ def summarize(
     return Report(date_from, date_to, group(rows, None), by_version)
 
 
-def load_report(session: Session, date_from: date | None = None, date_to: date | None = None) -> Report:
-    """The report over every prediction with at least one review, by its latest review."""
+def load_report(
+    session: Session, date_from: date | None = None, date_to: date | None = None, policy: CallPolicy | None = None
+) -> Report:
+    """The report over every prediction with at least one review, by its latest review; with the lab's
+    call policy, the safety numbers too."""
     latest = select(Review.prediction_id, func.max(Review.id).label("review_id")).group_by(Review.prediction_id)
     latest = latest.subquery()
     query = (
@@ -154,13 +213,96 @@ def load_report(session: Session, date_from: date | None = None, date_to: date |
         .order_by(Prediction.id)
     )
     rows = session.execute(query).all()
-    return summarize(
+    report = summarize(
         [r[0] for r in rows],
         [r[1] for r in rows],
         [r[2] for r in rows],
         [utc_day(r[3]) for r in rows],
         date_from,
         date_to,
+    )
+    if policy is None:
+        return report
+    return replace(report, safety=load_safety(session, policy, date_from, date_to))
+
+
+def _in_period(moment: datetime, date_from: date | None, date_to: date | None) -> bool:
+    day = utc_day(moment)
+    return (date_from is None or day >= date_from) and (date_to is None or day <= date_to)
+
+
+def binary_rates(called_abnormal: list[bool], reviewed_abnormal: list[bool]) -> tuple[int, int, int, int]:
+    """(true positive, false negative, true negative, false positive) of the cut-off call against the labels."""
+    pairs = list(zip(called_abnormal, reviewed_abnormal, strict=True))
+    return (
+        sum(c and r for c, r in pairs),
+        sum(not c and r for c, r in pairs),
+        sum(not c and not r for c, r in pairs),
+        sum(c and not r for c, r in pairs),
+    )
+
+
+def load_safety(session: Session, policy: CallPolicy, date_from: date | None, date_to: date | None) -> Safety:
+    """Sensitivity and specificity of the cut-off call, missed abnormal cells, QC outcomes and agreement per
+    reviewer, over cells whose latest review falls in the period."""
+    reviewed = [
+        p
+        for p in session.scalars(select(Prediction).where(Prediction.reviews.any()).order_by(Prediction.id))
+        if _in_period(p.reviews[-1].created_at, date_from, date_to)
+    ]
+    called = [policy.is_abnormal(p.abnormal_probability) for p in reviewed]
+    truth = [p.reviews[-1].label in ABNORMAL_CLASSES for p in reviewed]
+    tp, fn, tn, fp = binary_rates(called, truth)
+    items = {
+        i.prediction_id: i
+        for i in session.scalars(select(BatchItem).where(BatchItem.prediction_id.in_([p.id for p in reviewed])))
+    }
+    missed = [
+        MissedCell(
+            p.id,
+            p.accession_id,
+            items[p.id].id if p.id in items else None,
+            p.abnormal_probability,
+            p.predicted_class,
+            p.reviews[-1].label,
+            p.reviews[-1].reviewer.username,
+            p.reviews[-1].created_at,
+        )  # fmt: skip
+        for p, c, t in zip(reviewed, called, truth, strict=True)
+        if t and not c
+    ]
+    missed.sort(key=lambda m: m.abnormal_probability)
+    qc_items = list(session.scalars(select(BatchItem).where(BatchItem.qc_sample.is_(True))))
+    qc_reviewed = [p for p in reviewed if p.id in {i.prediction_id for i in qc_items}]
+    found = [p.id for p in qc_reviewed if p.reviews[-1].label in ABNORMAL_CLASSES]
+    qc = QcOutcome(len(qc_items), len(qc_reviewed), len(qc_reviewed) - len(found), len(found), found)
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    roles: dict[str, str] = {}
+    for p in session.scalars(select(Prediction).where(Prediction.reviews.any())):
+        for position, review in enumerate(p.reviews):
+            if not _in_period(review.created_at, date_from, date_to):
+                continue
+            name = review.reviewer.username
+            roles[name] = review.reviewer.role
+            per[name][0] += 1
+            per[name][1] += review.label == p.predicted_class
+            per[name][2] += position + 1 < len(p.reviews)
+    reviewers = [
+        ReviewerAgreement(name, roles[name], n, agreed, agreed / n if n else None, later)
+        for name, (n, agreed, later) in sorted(per.items())
+    ]
+    return Safety(
+        abnormal_threshold=policy.abnormal_threshold,
+        reviewed=len(reviewed),
+        true_positive=tp,
+        false_negative=fn,
+        true_negative=tn,
+        false_positive=fp,
+        sensitivity=tp / (tp + fn) if tp + fn else None,
+        specificity=tn / (tn + fp) if tn + fp else None,
+        missed=missed,
+        qc=qc,
+        reviewers=reviewers,
     )
 
 

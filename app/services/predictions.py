@@ -1,46 +1,34 @@
-"""Predictions and reviews: classify an image, record it, read it back, review it.
+"""Predictions: classify an uploaded image, record it, read it back.
 
-A prediction row is the model's output and is never edited; a review is a separate row.
+A prediction row is the model's output and is never edited; reviews are separate rows
+(app.services.reviews).
 """
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Prediction, Review
-from app.errors import ConflictError, InputError, NotFoundError, PermissionDeniedError
-from app.ml.classes import CLASS_NAMES
-from app.ml.classifier import Classifier
+from app.config import Settings
+from app.db.models import Prediction
+from app.errors import ConflictError, InputError, NotFoundError
+from app.ml.batching import DynamicBatcher
 from app.ml.classifier import Prediction as ModelPrediction
 from app.services import audit
 from app.services.actors import Actor
-from app.services.images import CheckedImage, ImageStore
+from app.services.images import CheckedImage, ImageStore, check_image
+from app.services.registry import after_stored, weights_sha256_for
 
 ACCESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
-REVIEW_ACTIONS = ("confirm", "override")
-
-
-@dataclass(frozen=True)
-class CallPolicy:
-    """The lab's reading of P(abnormal): a threshold, and a band around it that needs a person."""
-
-    abnormal_threshold: float
-    uncertainty_band: float
-
-    def is_abnormal(self, abnormal_probability: float) -> bool:
-        return abnormal_probability >= self.abnormal_threshold
-
-    def needs_review(self, abnormal_probability: float) -> bool:
-        return abs(abnormal_probability - self.abnormal_threshold) <= self.uncertainty_band
 
 
 @dataclass(frozen=True)
 class Submission:
-    image: CheckedImage
+    """One uploaded cell as received: the bytes are checked by create_prediction, not before."""
+
+    data: bytes
     source: str  # web | api | batch
     accession_id: str | None = None
     filename: str | None = None
@@ -89,6 +77,9 @@ def prediction_row(
         user_id=user_id,
         api_client_id=api_client_id,
         idempotency_key=idempotency_key,
+        in_distribution=result.in_distribution,
+        ood_score=result.ood_score,
+        input_flags=list(result.input_flags) or None,
     )
 
 
@@ -99,80 +90,73 @@ def _replayed(session: Session, actor: Actor, key: str) -> Prediction | None:
 
 def create_prediction(
     factory: sessionmaker[Session],
-    classifier: Classifier,
+    batcher: DynamicBatcher,
     store: ImageStore,
+    settings: Settings,
     actor: Actor,
     submission: Submission,
-    _attempts: int = 2,
 ) -> tuple[Prediction, bool]:
-    """Classify and record one image. Returns (prediction, created); created is False on an
-    idempotent replay. Either everything is stored (image file, rows, audit event) or nothing.
+    """Check, classify and record one uploaded image: the one entry point for uploads (API and
+    page), run in one worker thread. Returns (prediction, created); created is False on an
+    idempotent replay.
+
+    No database connection is held while the model runs: the replay check uses a short session
+    of its own, and image, prediction and audit event are written in one short transaction, so
+    either all of it is stored or nothing.
     """
     accession_id = validate_accession_id(submission.accession_id)
     key = _validate_idempotency_key(submission.idempotency_key)
+    checked = check_image(submission.data, settings.max_upload_bytes, settings.max_image_pixels)
     if key is not None:
         with factory() as session:
             first = _replayed(session, actor, key)
             if first is not None:
-                return _check_replay(first, submission), False
+                return _check_replay(first, checked), False
 
-    result = classifier.predict([submission.image.image])[0]
-    session = factory()
-    written: Path | None = None
-    try:
-        image_row, written = store.put(session, submission.image)
-        session.flush()
-        prediction = prediction_row(
-            result,
-            classifier.weights_sha256,
-            image_row.id,
-            submission.source,
-            accession_id,
-            submission.filename,
-            user_id=actor.id if actor.kind == "user" else None,
-            api_client_id=actor.id if actor.kind == "apikey" else None,
-            idempotency_key=key,
-        )
-        session.add(prediction)
-        session.flush()
-        audit.record(
-            session,
-            actor,
-            "prediction.create",
-            "prediction",
-            prediction.id,
-            source=submission.source,
-            accession_id=accession_id,
-            image_sha256=submission.image.sha256,
-            model_version=result.model_version,
-        )
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        if written is not None:
-            written.unlink(missing_ok=True)
-        # A concurrent request won the race: same idempotency key, or the same new image.
-        if key is not None:
-            with factory() as retry:
-                first = _replayed(retry, actor, key)
-                if first is not None:
-                    return _check_replay(first, submission), False
-        if _attempts <= 1:
-            raise
-        return create_prediction(factory, classifier, store, actor, submission, _attempts - 1)
-    except BaseException:
-        session.rollback()
-        if written is not None:
-            written.unlink(missing_ok=True)
-        raise
-    finally:
-        session.close()
+    # The file as sent, not the decoded RGB copy: the model's input checks look at its mode and bit depth.
+    result = batcher.predict(checked.data)
     with factory() as session:
-        return get_prediction(session, prediction.id), True
+        try:
+            image_row = store.put(session, checked)
+            prediction = prediction_row(
+                result,
+                weights_sha256_for(batcher.classifier, result),
+                image_row.id,
+                submission.source,
+                accession_id,
+                submission.filename,
+                user_id=actor.id if actor.kind == "user" else None,
+                api_client_id=actor.id if actor.kind == "apikey" else None,
+                idempotency_key=key,
+            )
+            session.add(prediction)
+            session.flush()
+            audit.record(
+                session,
+                actor,
+                "prediction.create",
+                "prediction",
+                prediction.id,
+                source=submission.source,
+                accession_id=accession_id,
+                image_sha256=checked.sha256,
+                model_version=result.model_version,
+            )
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            # A simultaneous request with the same Idempotency-Key won: answer with its result.
+            first = _replayed(session, actor, key) if key is not None else None
+            if first is None:
+                raise
+            return _check_replay(first, checked), False
+        session.refresh(prediction)  # image, submitter and reviews, for the response
+        after_stored(batcher.classifier, prediction.id, checked.image)  # shadow scoring, off this request
+        return prediction, True
 
 
-def _check_replay(first: Prediction, submission: Submission) -> Prediction:
-    if first.image.sha256 != submission.image.sha256:
+def _check_replay(first: Prediction, checked: CheckedImage) -> Prediction:
+    if first.image.sha256 != checked.sha256:
         raise ConflictError("this Idempotency-Key was already used for a different image")
     return first
 
@@ -212,45 +196,6 @@ def list_predictions(
     )
     session.commit()
     return rows, total
-
-
-def add_review(
-    session: Session, actor: Actor, prediction_id: int, action: str, label: str | None, comment: str | None
-) -> Review:
-    """Confirm the model's call, or override it with another class. The prediction stays as it was."""
-    if not actor.can_review:
-        raise PermissionDeniedError("only pathologists and cytotechnologists may review predictions")
-    prediction = get_prediction(session, prediction_id)
-    if action not in REVIEW_ACTIONS:
-        raise InputError("action must be 'confirm' or 'override'")
-    if action == "confirm":
-        if label not in (None, "", prediction.predicted_class):
-            raise InputError("a confirmation keeps the model's class; use 'override' to change it")
-        label = prediction.predicted_class
-    else:
-        if label not in CLASS_NAMES:
-            raise InputError(f"label must be one of: {', '.join(CLASS_NAMES)}")
-        if label == prediction.predicted_class:
-            raise InputError("the override label equals the model's call; use 'confirm'")
-    comment = (comment or "").strip() or None
-    if comment is not None and len(comment) > 2000:
-        raise InputError("comment must be at most 2000 characters")
-    review = Review(prediction_id=prediction.id, reviewer_id=actor.id, action=action, label=label, comment=comment)
-    session.add(review)
-    session.flush()
-    audit.record(
-        session,
-        actor,
-        f"review.{action}",
-        "prediction",
-        prediction.id,
-        review_id=review.id,
-        label=label,
-        model_class=prediction.predicted_class,
-    )
-    session.commit()
-    session.refresh(prediction)
-    return review
 
 
 def final_label(prediction: Prediction) -> str | None:

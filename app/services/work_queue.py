@@ -24,13 +24,14 @@ from app.services.actors import Actor
 from app.services.batches import CLASSIFIED, FAILED, PROCESSING, QUEUED
 from app.services.images import ImageStore
 from app.services.predictions import prediction_row
+from app.services.registry import after_stored, weights_sha256_for
 
 
 @dataclass(frozen=True)
 class Lease:
     item_id: int
     token: str
-    image_path: str | None
+    image_id: int | None
 
 
 def claim(
@@ -66,7 +67,7 @@ def claim(
             item.lease_expires_at = now + timedelta(seconds=lease_seconds)
             item.attempts += 1
             item.updated_at = now
-            leases.append(Lease(item.id, token, item.image.storage_path if item.image else None))
+            leases.append(Lease(item.id, token, item.image_id))
         session.commit()
         return leases
 
@@ -89,16 +90,21 @@ def process(
 ) -> int:
     """Classify leased items in one forward pass and store each result if the lease still holds.
 
-    Returns how many items this worker completed (classified or failed).
+    The images are read from the database (no shared filesystem), in one short session that is
+    closed before the model runs. Returns how many items this worker completed (classified or failed).
     """
     completed = 0
+    with factory() as session:
+        stored = store.read_many(session, [lease.image_id for lease in leases if lease.image_id is not None])
     images, readable = [], []
     for lease in leases:
-        try:
-            images.append(store.path_for(lease.image_path).read_bytes())
-            readable.append(lease)
-        except (OSError, TypeError):
-            completed += _fail(factory, lease, "the stored image file is missing")
+        data = stored.get(lease.image_id) if lease.image_id is not None else None
+        if data is None:
+            completed += _fail(factory, lease, "the stored image is missing")
+            continue
+        images.append(data)
+        readable.append(lease)
+    del stored
     results = []
     if readable:
         try:
@@ -111,7 +117,7 @@ def process(
                 except InvalidImageError as exc:
                     results.append(exc)
     actor = Actor("worker", None, worker)
-    for lease, result in zip(readable, results, strict=True):
+    for lease, result, data in zip(readable, results, images, strict=True):
         if isinstance(result, Exception):
             completed += _fail(factory, lease, str(result))
             continue
@@ -120,7 +126,7 @@ def process(
             batch = session.get(Batch, item.batch_id)
             prediction = prediction_row(
                 result,
-                classifier.weights_sha256,
+                weights_sha256_for(classifier, result),
                 item.image_id,
                 "batch",
                 batch.accession_id,
@@ -155,6 +161,7 @@ def process(
             )  # fmt: skip
             session.commit()
             completed += 1
+            after_stored(classifier, prediction.id, data)  # shadow scoring, off this worker's path
     return completed
 
 

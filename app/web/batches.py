@@ -1,25 +1,26 @@
-"""Batch pages: intake, progress, the ranked gallery, and keyboard-driven review."""
+"""Batch pages: intake, progress and the ranked gallery (the review view of one cell is in app.web.review)."""
 
 from collections.abc import Mapping
-from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 from sqlalchemy import select
-from starlette.datastructures import QueryParams
 
-from app.api.batches import incoming_files
+from app.api.batches import batch_form, incoming_files
 from app.api.deps import ContextDep, SessionDep
-from app.db.models import Batch, BatchItem
-from app.errors import InputError, NotFoundError, PapcadError, PermissionDeniedError
-from app.ml.classes import BETHESDA_HINT
+from app.db.models import Batch
+from app.errors import InputError, PapcadError, PermissionDeniedError
+from app.http import sessions as browser_sessions
+from app.http.params import RecordId, bounded_id
+from app.security import csrf_matches
+from app.services import audit
 from app.services import batches as service
-from app.services import predictions
-from app.web.routes import CsrfChecked, PageActor, render
+from app.web.routes import PageActor, render
 
 router = APIRouter(include_in_schema=False)
+AUDITED_IDS = 1000  # a gallery's audit event names at most this many predictions (and counts all)
 
 
 def queue_filter(q: Mapping[str, str]) -> service.QueueFilter:
@@ -44,7 +45,7 @@ def queue_filter(q: Mapping[str, str]) -> service.QueueFilter:
 
 def batch_of(q: Mapping[str, str]) -> int | None:
     """The batch a queue is limited to, or None for the queue of all batches."""
-    return int(q["batch"]) if q.get("batch", "").isdigit() else None
+    return bounded_id(q.get("batch"))
 
 
 def filter_query(flt: service.QueueFilter, batch_id: int | None) -> str:
@@ -70,26 +71,26 @@ def _batches_view(request: Request, session, actor, error: str | None = None, st
     """The intake form and recent batches (status and error are not for the query string)."""
     rows = list(session.scalars(select(Batch).order_by(Batch.id.desc()).limit(50)))
     progress = {b.id: service.progress(session, b.id) for b in rows}
+    audit.record_read(session, actor, "batch.list", "batch", None, page="batches", ids=[b.id for b in rows])
     return render(request, "batches.html", status, actor=actor, batches=rows, progress=progress, error=error)
 
 
-@router.post("/batches", dependencies=[CsrfChecked])
-async def submit_batch(
-    request: Request,
-    context: ContextDep,
-    actor: PageActor,
-    images: Annotated[list[UploadFile] | None, File()] = None,
-    archive: Annotated[UploadFile | None, File()] = None,
-    name: Annotated[str | None, Form()] = None,
-    accession_id: Annotated[str | None, Form()] = None,
-):
-    images = [f for f in images or [] if f.filename]
-    archive = archive if archive is not None and archive.filename else None
+@router.post("/batches")
+async def submit_batch(request: Request, context: ContextDep, actor: PageActor):
+    """Read the form here (not with FastAPI's parser) so a batch may hold PAPCAD_MAX_BATCH_ITEMS files."""
     try:
-        files = await incoming_files(context, images, archive)
-        batch = await run_in_threadpool(
-            service.create_batch, context.sessions, context.images, context.settings, actor, files, name, accession_id
-        )
+        async with batch_form(request, context.settings, "images") as form:
+            if not csrf_matches(browser_sessions.signed_in_csrf(request), form.text("csrf")):
+                raise PermissionDeniedError(
+                    "the form has expired or did not come from this site; reload the page and retry"
+                )
+            files = incoming_files(context.settings, form.images, form.archive)
+            batch = await run_in_threadpool(
+                service.create_batch, context.sessions, context.images, context.settings, actor, files,
+                form.text("name"), form.text("accession_id"),
+            )  # fmt: skip
+    except PermissionDeniedError:
+        raise
     except PapcadError as exc:
         with context.sessions() as session:
             return _batches_view(request, session, actor, error=str(exc), status=422)
@@ -106,6 +107,9 @@ def _gallery(request: Request, context, session, actor, batch: Batch | None):
         error = None
     batch_id = batch.id if batch else None
     items = service.queue_items(session, batch_id, flt, context.policy)
+    shown = [i.prediction_id for i in items if i.prediction_id is not None]
+    detail = {"filter": filter_query(flt, None), "count": len(shown), "prediction_ids": shown[:AUDITED_IDS]}
+    audit.record_read(session, actor, "queue.read", "batch", batch_id, **detail)
     return render(
         request, "queue.html", actor=actor, batch=batch, items=items, flt=flt,
         progress=service.progress(session, batch.id) if batch else None,
@@ -115,64 +119,10 @@ def _gallery(request: Request, context, session, actor, batch: Batch | None):
 
 
 @router.get("/batches/{batch_id}")
-def batch_page(batch_id: int, request: Request, context: ContextDep, session: SessionDep, actor: PageActor):
+def batch_page(batch_id: RecordId, request: Request, context: ContextDep, session: SessionDep, actor: PageActor):
     return _gallery(request, context, session, actor, service.get_batch(session, batch_id))
 
 
 @router.get("/queue")
 def global_queue(request: Request, context: ContextDep, session: SessionDep, actor: PageActor):
     return _gallery(request, context, session, actor, None)
-
-
-def _neighbours(session, policy, item: BatchItem, batch_id: int | None, flt: service.QueueFilter):
-    ids = [i.id for i in service.queue_items(session, batch_id, flt, policy) if i.prediction is not None]
-    if item.id not in ids:
-        return None, (ids[0] if ids else None), ids
-    at = ids.index(item.id)
-    return (ids[at - 1] if at > 0 else None), (ids[at + 1] if at + 1 < len(ids) else None), ids
-
-
-@router.get("/queue/items/{item_id}")
-def review_page(
-    item_id: int, request: Request, context: ContextDep, session: SessionDep, actor: PageActor, error: str | None = None
-):
-    item = session.get(BatchItem, item_id)
-    if item is None or item.prediction is None:
-        raise NotFoundError(f"no classified cell {item_id}")
-    batch_id = batch_of(request.query_params)
-    flt = queue_filter(request.query_params)
-    previous, following, ids = _neighbours(session, context.policy, item, batch_id, flt)
-    prediction = predictions.read_prediction(session, actor, item.prediction.id)
-    return render(
-        request, "review.html", actor=actor, item=item, p=prediction, bethesda=BETHESDA_HINT,
-        final_label=predictions.final_label(prediction), previous=previous, following=following,
-        position=(ids.index(item.id) + 1 if item.id in ids else None), count=len(ids),
-        query=filter_query(flt, batch_id), error=error, policy=context.policy,
-    )  # fmt: skip
-
-
-@router.post("/queue/items/{item_id}/review", dependencies=[CsrfChecked])
-def review_item(
-    item_id: int,
-    request: Request,
-    context: ContextDep,
-    session: SessionDep,
-    actor: PageActor,
-    action: Annotated[str, Form()],
-    label: Annotated[str | None, Form()] = None,
-    query: Annotated[str, Form()] = "",
-):
-    """Record the review, then go straight to the next cell of the same queue."""
-    item = session.get(BatchItem, item_id)
-    if item is None or item.prediction is None:
-        raise NotFoundError(f"no classified cell {item_id}")
-    params = QueryParams(query)
-    flt, batch_id = queue_filter(params), batch_of(params)
-    _, following, _ = _neighbours(session, context.policy, item, batch_id, flt)
-    try:
-        predictions.add_review(session, actor, item.prediction.id, action, label, None)
-    except (InputError, PermissionDeniedError) as exc:
-        session.rollback()
-        return RedirectResponse(f"/queue/items/{item_id}?{query}&{urlencode({'error': str(exc)})}", status_code=303)
-    target = f"/queue/items/{following}?{query}" if following else (f"/batches/{batch_id}" if batch_id else "/queue")
-    return RedirectResponse(target, status_code=303)

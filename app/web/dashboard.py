@@ -6,8 +6,9 @@ from datetime import date
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from app.api.deps import SessionDep
+from app.api.deps import ContextDep, SessionDep
 from app.errors import InputError
+from app.services import audit, shadow
 from app.services import monitoring as service
 from app.web.routes import PageActor, render
 
@@ -83,9 +84,27 @@ def _day(value: str | None, name: str) -> date | None:
 
 @router.get("/dashboard")
 def dashboard(
-    request: Request, session: SessionDep, actor: PageActor, date_from: str | None = None, date_to: str | None = None
+    request: Request,
+    context: ContextDep,
+    session: SessionDep,
+    actor: PageActor,
+    date_from: str | None = None,
+    date_to: str | None = None,
 ) -> HTMLResponse:
+    """A bad date shows the page with the message and the numbers of all dates, not a bare error page."""
     service.check_can_view(actor)
-    report = service.load_report(session, _day(date_from, "date_from"), _day(date_to, "date_to"))
+    error, status = None, 200
+    try:
+        start, end = _day(date_from, "date_from"), _day(date_to, "date_to")
+        report = service.load_report(session, start, end, context.policy)
+    except InputError as exc:
+        error, status, start, end = str(exc), 422, None, None
+        report = service.load_report(session, None, None, context.policy)
+    dates = {"date_from": start and start.isoformat(), "date_to": end and end.isoformat()}
+    audit.record_read(session, actor, "monitoring.read", None, None, page="dashboard", **dates)
     chart = {"width": CHART_WIDTH, "height": CHART_HEIGHT, "pad": CHART_PAD}
-    return render(request, "dashboard.html", actor=actor, report=report, sections=sections(report), chart=chart)
+    return render(
+        request, "dashboard.html", status, actor=actor, report=report, sections=sections(report), chart=chart,
+        error=error, entered={"date_from": date_from or "", "date_to": date_to or ""}, safety=report.safety,
+        shadow=shadow.comparisons(session),
+    )  # fmt: skip

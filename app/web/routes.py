@@ -7,29 +7,31 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from app.api.deps import ContextDep, SessionDep, session_user
-from app.api.predictions import checked_upload
+from app.api.deps import ContextDep, SessionDep, release, session_user
+from app.api.predictions import read_upload
 from app.db.models import Prediction
-from app.errors import AuthenticationError, InputError, PapcadError, PermissionDeniedError
+from app.errors import AuthenticationError, ConflictError, InputError, PapcadError, PermissionDeniedError
+from app.http import sessions as browser_sessions
+from app.http.params import RecordId
 from app.ml.classes import BETHESDA_HINT, CLASS_LABELS, CLASS_NAMES, NORMAL_CLASSES
 from app.roles import Role
-from app.security import csrf_matches, new_csrf_token
-from app.services import accounts
+from app.security import csrf_matches
+from app.services import accounts, audit, registry, reviews, web_sessions
 from app.services import predictions as service
 from app.services.actors import Actor
+from app.services.text import strip_control_characters
 
 router = APIRouter(include_in_schema=False)
 
 
 def csrf_token(request: Request) -> str:
-    token = request.session.get("csrf")
-    if not token:
-        token = request.session["csrf"] = new_csrf_token()
-    return token
+    """The signed-in session's CSRF token (looked up already by the page's actor), else the
+    sign-in form's cookie token."""
+    return browser_sessions.signed_in_csrf(request) or browser_sessions.anonymous_csrf(request)
 
 
-def check_csrf(request: Request, csrf: Annotated[str | None, Form()] = None) -> None:
-    if not csrf_matches(request.session.get("csrf"), csrf):
+def check_csrf(request: Request, session: SessionDep, csrf: Annotated[str | None, Form()] = None) -> None:
+    if not csrf_matches(browser_sessions.expected_csrf(request, session), csrf):
         raise PermissionDeniedError("the form has expired or did not come from this site; reload the page and retry")
 
 
@@ -37,7 +39,10 @@ def page_actor(request: Request, session: SessionDep) -> Actor:
     user = session_user(request, session)
     if user is None:
         raise AuthenticationError("sign in first")
-    return Actor.of_user(user)
+    release(session)
+    actor = Actor.of_user(user)
+    request.state.actor = actor  # error pages (403, 404) show the signed-in menu too
+    return actor
 
 
 PageActor = Annotated[Actor, Depends(page_actor)]
@@ -57,38 +62,48 @@ def _safe_next(target: str | None) -> str:
 
 
 @router.get("/login")
-def login_page(request: Request, next: str | None = None):
-    return render(request, "login.html", next=_safe_next(next))
+def login_page(request: Request, session: SessionDep, next: str | None = None, changed: str | None = None):
+    browser_sessions.current(request, session)  # a signed-in browser's form carries its session's token
+    message = "Your password was changed: sign in with the new one." if changed else None
+    return render(request, "login.html", next=_safe_next(next), message=message)
 
 
 @router.post("/login", dependencies=[CsrfChecked])
 def login(
     request: Request,
+    context: ContextDep,
     session: SessionDep,
     username: Annotated[str, Form()],
     password: Annotated[str, Form()],
     next: Annotated[str | None, Form()] = None,
 ):
+    settings = context.settings
+    address = browser_sessions.client_address(request)
+    throttle, lifetime = accounts.ThrottlePolicy.of(settings), web_sessions.SessionPolicy.of(settings)
     try:
-        user = accounts.authenticate_user(session, username, password)
+        _, token = accounts.sign_in(session, username, password, address, throttle, lifetime)
+    except accounts.SignInThrottledError as exc:
+        response = render(request, "login.html", 429, error=str(exc), next=_safe_next(next), username=username)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except AuthenticationError as exc:
-        session.commit()  # keep the audit record of the failed attempt
         return render(request, "login.html", status_code=401, error=str(exc), next=_safe_next(next), username=username)
-    session.commit()
-    request.session.clear()
-    request.session.update(user_id=user.id, csrf=new_csrf_token())
+    browser_sessions.start(request, token)
     return RedirectResponse(_safe_next(next), status_code=303)
 
 
 @router.post("/logout", dependencies=[CsrfChecked])
-def logout(request: Request):
-    request.session.clear()
+def logout(request: Request, session: SessionDep):
+    """End the session in the database too, so a copy of the cookie stops working at once."""
+    web_sessions.end_session(session, browser_sessions.session_token(request), browser_sessions.client_address(request))
+    browser_sessions.clear(request)
     return RedirectResponse("/login", status_code=303)
 
 
 def _home_view(request: Request, session, actor: Actor, status_code: int = 200, **extra) -> HTMLResponse:
     """The upload form and the 20 newest results."""
     recent = list(session.scalars(select(Prediction).order_by(Prediction.id.desc()).limit(20)))
+    audit.record_read(session, actor, "prediction.list", "prediction", None, page="home", ids=[p.id for p in recent])
     return render(request, "home.html", status_code, actor=actor, recent=recent, bethesda=BETHESDA_HINT, **extra)
 
 
@@ -106,11 +121,16 @@ async def upload(
     accession_id: Annotated[str | None, Form()] = None,
 ):
     try:
-        checked = await checked_upload(image, context.settings)
-        submission = service.Submission(image=checked, source="web", accession_id=accession_id, filename=image.filename)
-        prediction, _ = await run_in_threadpool(
-            service.create_prediction, context.sessions, context.classifier, context.images, actor, submission
+        submission = service.Submission(
+            data=await read_upload(image, context.settings.max_upload_bytes),
+            source="web",
+            accession_id=accession_id,
+            filename=strip_control_characters(image.filename),
         )
+        prediction, _ = await run_in_threadpool(
+            service.create_prediction, context.sessions, context.batcher, context.images, context.settings, actor,
+            submission,
+        )  # fmt: skip
     except PapcadError as exc:
         with context.sessions() as session:
             return _home_view(request, session, actor, 422, error=str(exc), accession_id=accession_id)
@@ -125,13 +145,15 @@ def _prediction_view(request: Request, context, actor: Actor, prediction, error=
 
 
 @router.get("/predictions/{prediction_id}")
-def prediction_page(prediction_id: int, request: Request, context: ContextDep, session: SessionDep, actor: PageActor):
+def prediction_page(
+    prediction_id: RecordId, request: Request, context: ContextDep, session: SessionDep, actor: PageActor
+):
     return _prediction_view(request, context, actor, service.read_prediction(session, actor, prediction_id))
 
 
 @router.post("/predictions/{prediction_id}/reviews", dependencies=[CsrfChecked])
 def review(
-    prediction_id: int,
+    prediction_id: RecordId,
     request: Request,
     context: ContextDep,
     session: SessionDep,
@@ -139,12 +161,13 @@ def review(
     action: Annotated[str, Form()],
     label: Annotated[str | None, Form()] = None,
     comment: Annotated[str | None, Form()] = None,
+    reason: Annotated[str | None, Form()] = None,
 ):
     try:
-        service.add_review(session, actor, prediction_id, action, label, comment)
-    except (PermissionDeniedError, InputError) as exc:
+        reviews.add_review(session, actor, prediction_id, action, label, comment, reason)
+    except (PermissionDeniedError, InputError, ConflictError) as exc:
         session.rollback()
-        status = 403 if isinstance(exc, PermissionDeniedError) else 422
+        status = {PermissionDeniedError: 403, ConflictError: 409}.get(type(exc), 422)
         return _prediction_view(
             request, context, actor, service.get_prediction(session, prediction_id), str(exc), status
         )
@@ -212,6 +235,21 @@ def admin_set_active(
     return _admin_action(request, session, actor, switch)
 
 
+@router.post("/admin/users/password", dependencies=[CsrfChecked])
+def admin_set_password(
+    request: Request,
+    session: SessionDep,
+    actor: AdminActor,
+    username: Annotated[str, Form()],
+    password: Annotated[str, Form()],
+):
+    def change() -> dict:
+        accounts.set_password(session, actor, username, password)
+        return {"message": f"Password of {username} changed; their open sessions have ended."}
+
+    return _admin_action(request, session, actor, change)
+
+
 @router.post("/admin/apikeys", dependencies=[CsrfChecked])
 def admin_create_key(request: Request, session: SessionDep, actor: AdminActor, name: Annotated[str, Form()]):
     def create() -> dict:
@@ -239,5 +277,47 @@ def _admin_with(request: Request, session, actor: Actor, status: int, **extra) -
         users=accounts.list_users(session),
         clients=accounts.list_api_clients(session),
         roles=[r.value for r in Role],
+        model_versions=registry.list_versions(session),
         **extra,
     )
+
+
+@router.post("/admin/models/promote", dependencies=[CsrfChecked])
+def admin_promote_model(request: Request, session: SessionDep, actor: AdminActor, version: Annotated[str, Form()]):
+    def promote() -> dict:
+        registry.promote(session, actor, version)
+        return {"message": f"Model {version} is now active; servers and workers switch within seconds."}
+
+    return _admin_action(request, session, actor, promote)
+
+
+@router.post("/admin/models/rollback", dependencies=[CsrfChecked])
+def admin_rollback_model(request: Request, session: SessionDep, actor: AdminActor):
+    def rollback() -> dict:
+        row = registry.rollback(session, actor)
+        return {"message": f"Rolled back: model {row.version} is active again."}
+
+    return _admin_action(request, session, actor, rollback, error_status=409)
+
+
+@router.get("/account")
+def account_page(request: Request, actor: PageActor) -> Response:
+    return render(request, "account.html", actor=actor)
+
+
+@router.post("/account/password", dependencies=[CsrfChecked])
+def change_password(
+    request: Request,
+    session: SessionDep,
+    actor: PageActor,
+    current: Annotated[str, Form()],
+    password: Annotated[str, Form()],
+) -> Response:
+    """Change one's own password; every session ends, so sign in again with the new one."""
+    try:
+        accounts.change_own_password(session, actor, current, password)
+    except InputError as exc:
+        session.rollback()
+        return render(request, "account.html", 422, actor=actor, error=str(exc))
+    browser_sessions.clear(request)
+    return RedirectResponse("/login?changed=1", status_code=303)

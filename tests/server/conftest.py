@@ -103,8 +103,11 @@ class LiveServer:
         with self.context.engine.connect() as connection:
             return connection.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
 
-    def stored_files(self) -> list[Path]:
-        return sorted(p for p in (self.data_dir / "images").rglob("*") if p.is_file())
+    def stored_files(self) -> list[str]:
+        """SHA-256 of every image whose bytes are stored (in the database, not in files)."""
+        query = "SELECT images.sha256 FROM image_data JOIN images ON images.id = image_data.image_id ORDER BY 1"
+        with self.context.engine.connect() as connection:
+            return list(connection.execute(text(query)).scalars())
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,6 @@ def live_server(database_url, bundled_classifier, tmp_path_factory) -> Iterator[
     settings = Settings(
         data_dir=data_dir,
         database_url=database_url,
-        secret_key="test-secret",
         max_upload_bytes=2_000_000,
         max_archive_expanded_bytes=30_000_000,
         embedded_worker=True,

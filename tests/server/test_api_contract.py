@@ -68,8 +68,11 @@ def test_same_image_is_stored_once(live_server, herlev_image):
         rows = connection.execute(
             text("SELECT COUNT(*) FROM images WHERE sha256 = :s"), {"s": first["image_sha256"]}
         ).scalar_one()
-    assert rows == 1
-    assert sum(1 for p in live_server.stored_files() if first["image_sha256"] in p.name) == 1
+        stored = connection.execute(
+            text("SELECT COUNT(*) FROM image_data JOIN images ON images.id = image_data.image_id WHERE sha256 = :s"),
+            {"s": first["image_sha256"]},
+        ).scalar_one()
+    assert rows == 1 and stored == 1
 
 
 def test_idempotency_key_returns_the_first_result(live_server, herlev_image):
@@ -99,7 +102,7 @@ def test_reviews_never_change_the_prediction(live_server, herlev_image, sign_in)
         )
         override = browser.post(
             f"/api/v1/predictions/{created['id']}/reviews",
-            json={"action": "override", "label": other, "comment": "nuclear features favour this"},
+            json={"action": "override", "label": other, "comment": "nuclear features favour this", "reason": "re-read"},
             headers={"X-CSRF-Token": csrf},
         )
         no_csrf = browser.post(f"/api/v1/predictions/{created['id']}/reviews", json={"action": "confirm"})
@@ -116,6 +119,8 @@ def test_reviews_never_change_the_prediction(live_server, herlev_image, sign_in)
     assert [r["action"] for r in after["reviews"]] == ["confirm", "override"]
     assert after["reviews"][1]["reviewer"] == live_server.users["pathologist"]
     assert after["reviews"][1]["comment"] == "nuclear features favour this"
+    assert after["reviews"][1]["amends_review_id"] == after["reviews"][0]["id"]
+    assert after["reviews"][1]["amend_reason"] == "re-read"
     assert after["final_label"] == other
 
 

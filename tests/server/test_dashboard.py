@@ -151,8 +151,10 @@ def test_dashboard_numbers_match_the_reviews_made(live_server, herlev_image, sig
             for class_name, index, reviews in PLAN:
                 created = submit(lis, herlev_image(class_name, index))
                 call = created["predicted_class"]
-                for action in reviews:
+                for n, action in enumerate(reviews):
                     body = {"action": action} if action == "confirm" else {"action": action, "label": other_class(call)}
+                    if n:  # a second review amends the first, with a reason
+                        body["reason"] = "second look"
                     response = browser.post(
                         f"/api/v1/predictions/{created['id']}/reviews", json=body, headers={"X-CSRF-Token": csrf}
                     )

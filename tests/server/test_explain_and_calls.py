@@ -45,4 +45,6 @@ def test_calls_follow_the_threshold_and_band(live_server, herlev_image):
         p = r["abnormal_probability"]
         assert r["abnormal_threshold"] == policy.abnormal_threshold
         assert r["abnormal_call"] == ("abnormal" if p >= policy.abnormal_threshold else "normal")
-        assert r["needs_review"] == (abs(p - policy.abnormal_threshold) <= policy.uncertainty_band)
+        near_cutoff = abs(p - policy.abnormal_threshold) <= policy.uncertainty_band
+        assert r["needs_review"] == bool(r["review_reasons"])
+        assert near_cutoff == any(reason.startswith("near the cut-off") for reason in r["review_reasons"])

@@ -39,7 +39,7 @@ def test_user_and_apikey_commands(database_url, tmp_path):
     duplicate = papcad(["user", "create", "--username", "dr.jensen", "--role", "pathologist"], env, "a-long-password\n")
     short = papcad(["user", "create", "--username", "x", "--role", "pathologist"], env, "short\n")
     bad_role = papcad(["user", "create", "--username", "y", "--role", "janitor"], env, "a-long-password\n")
-    for result, words in ((duplicate, "already exists"), (short, "at least 10"), (bad_role, "role must be")):
+    for result, words in ((duplicate, "already exists"), (short, "at least 12"), (bad_role, "role must be")):
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
 
     deactivated = papcad(["user", "deactivate", "--username", "dr.jensen"], env)

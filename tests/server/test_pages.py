@@ -71,7 +71,7 @@ def test_admin_pages_are_for_admins_only(live_server, sign_in):
         )
         assert created.status_code == 200 and "User new.cytotech created." in created.text
         bad = admin.post("/admin/users", data={"username": "x", "password": "short", "role": "admin", "csrf": csrf})
-        assert bad.status_code == 422 and "at least 10" in bad.text
+        assert bad.status_code == 422 and "at least 12" in bad.text
     finally:
         admin.close()
     with live_server.context.engine.connect() as connection:

@@ -37,7 +37,9 @@ def test_killed_worker_loses_nothing_and_nothing_is_classified_twice(
     ]
     batch = batches.create_batch(context.sessions, context.images, settings, SYSTEM, files, "kill test", "S26-KILL")
 
-    env = {**os.environ, "DATABASE_URL": postgres_url, "PAPCAD_DATA_DIR": str(tmp_path), "PAPCAD_EMBEDDED_WORKER": "0"}
+    # The workers share only the database with the server: their data folder is another, empty one.
+    other = tmp_path / "worker-data"
+    env = {**os.environ, "DATABASE_URL": postgres_url, "PAPCAD_DATA_DIR": str(other), "PAPCAD_EMBEDDED_WORKER": "0"}
     workers = {name: start_worker(name, env) for name in ("worker-a", "worker-b")}
 
     def rows(sql: str, **params) -> list:

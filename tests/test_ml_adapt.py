@@ -1,0 +1,92 @@
+"""Site adaptation (app.ml.adapt) on the tiny model: refusals, the grouped split, the written directory."""
+
+import json
+
+import numpy as np
+import pytest
+
+from app.errors import InputError
+from app.ml.adapt import (
+    MIN_ACCESSIONS,
+    MIN_REVIEWED_CELLS,
+    AdaptConfig,
+    SiteCell,
+    TooFewCellsError,
+    adapt,
+    split_site,
+)
+from app.ml.artifact import read_card, sha256_file
+from app.ml.classes import CLASS_NAMES
+from app.ml.classifier import Classifier
+from app.ml.site_shift import site_png
+
+FAST = AdaptConfig(epochs=1, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def site_cells(herlev_dir) -> list[SiteCell]:
+    """56 simulated-site cells (8 per class) in 8 accessions, every accession holding every class."""
+    cells = []
+    for name in CLASS_NAMES:
+        for index, path in enumerate(sorted((herlev_dir / name).glob("*.BMP"))[:8]):
+            cells.append(SiteCell(site_png(path.read_bytes()), name, f"accession:S-{index}"))
+    return cells
+
+
+def test_too_few_cells_refused_and_nothing_written(site_cells, tiny_model_dir, tmp_path):
+    out = tmp_path / "adapted"
+    with pytest.raises(TooFewCellsError, match=f"at least {MIN_REVIEWED_CELLS} reviewed cells"):
+        adapt(site_cells[: MIN_REVIEWED_CELLS - 1], tiny_model_dir, out, config=FAST, progress=False)
+    too_few_accessions = [SiteCell(c.data, c.label, "accession:one") for c in site_cells]
+    with pytest.raises(TooFewCellsError, match=f"from at least {MIN_ACCESSIONS} accessions"):
+        adapt(too_few_accessions, tiny_model_dir, out, config=FAST, progress=False)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused(site_cells, tiny_model_dir, tmp_path):
+    (tmp_path / "adapted").mkdir()
+    (tmp_path / "adapted" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="already exists"):
+        adapt(site_cells, tiny_model_dir, tmp_path / "adapted", config=FAST, progress=False)
+    assert [p.name for p in (tmp_path / "adapted").iterdir()] == ["keep.txt"]
+
+
+def test_split_keeps_accessions_on_one_side():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 300)
+    groups = np.array([f"A{i // 6}" for i in range(300)])
+    split = split_site(labels, groups, seed=1)
+    sides = [set(groups[s]) for s in (split.train, split.val, split.test)]
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    assert sorted(np.concatenate([split.train, split.val, split.test]).tolist()) == list(range(300))
+    assert 0.15 < len(split.test) / 300 < 0.25
+
+
+def test_adapt_writes_a_loadable_versioned_model(site_cells, tiny_model_dir, tmp_path):
+    """Site cells only here; mixing in the base data and the forgetting check run in the server test with the
+    real model (tests/server/test_site_adaptation.py)."""
+    out = tmp_path / "site-v1"
+    card = adapt(site_cells, tiny_model_dir, out, config=FAST, version="site-v1", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site-v1"]  # no partial directory left
+    loaded = Classifier.load(out)
+    assert loaded.version == "site-v1"
+    assert card["weights_sha256"] == sha256_file(out / "weights.npz") != read_card(tiny_model_dir)["weights_sha256"]
+    adaptation = read_card(out)["adaptation"]
+    assert adaptation["base_version"] == "tiny-test-r32"
+    assert adaptation["site_data"]["reviewed_cells"] == len(site_cells)
+    assert adaptation["site_data"]["per_class"] == {name: 8 for name in CLASS_NAMES}
+    split = adaptation["site_data"]["split"]
+    assert split["train"]["cells"] + split["validation"]["cells"] + split["test"]["cells"] == len(site_cells)
+    site = adaptation["site_metrics"]
+    assert site["before"]["n"] == site["after"]["n"] == split["test"]["cells"]
+    assert adaptation["base_data"] is None and adaptation["base_test_metrics"] is None
+    assert len(adaptation["history"]["loss"]) == FAST.epochs
+    assert card["abnormal_threshold"]["chosen_on"] in (
+        "site validation",
+        "base model (the site validation cells are all of one kind)",
+    )
+    assert (out / "site_test_metrics.json").is_file()
+    assert json.loads((out / "history.json").read_text())["loss"]
+    prediction = loaded.predict([site_cells[0].data])[0]
+    assert prediction.model_version == "site-v1"
