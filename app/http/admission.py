@@ -5,11 +5,14 @@ thread and, briefly, database connections. When more than `max_in_flight` of the
 served, a new one gets 503 with `Retry-After` straight away, so the server's latency and memory
 stay bounded and clients retry later. Retry-After is the configured minimum, or longer when the
 requests in flight will take longer: about the time the model needs for half of them, so a crowd
-of waiting clients does not retry every second (each retry re-sends its upload). A request that
+of waiting clients does not retry every second (each retry re-sends its upload), spread by up to half
+again at random, so the refused clients do not all come back in one wave while the model runs dry
+between waves (the "thundering herd"). A request that
 still cannot get a database connection within `pool_timeout` gets a 503 too, rather than a 500.
 """
 
 import math
+import random
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -52,7 +55,7 @@ class AdmissionControl:
         if self.in_flight >= self.max_in_flight:
             ADMISSION_REJECTED.inc()
             scope["route_path"] = scope["path"]  # for the request metrics: no route ran
-            wait = self.retry_after_for(scope)
+            wait = jittered(self.retry_after_for(scope))
             response = problem(
                 503,
                 f"the server is classifying {self.in_flight} requests already; retry after {wait} s",
@@ -75,6 +78,11 @@ class AdmissionControl:
         if not per_image:
             return self.retry_after
         return max(self.retry_after, min(MAX_RETRY_AFTER_S, math.ceil(self.in_flight * per_image / 2)))
+
+
+def jittered(wait: int) -> int:
+    """`wait` plus up to half again, at random (never over MAX_RETRY_AFTER_S)."""
+    return min(MAX_RETRY_AFTER_S, wait + random.randint(0, wait // 2))
 
 
 def widen_thread_pool(max_in_flight: int, others: int = 40) -> None:

@@ -287,7 +287,7 @@ def test_admission_control_sheds_what_is_over_the_limit_at_once():
         return results + [await request()]
 
     shed, first, second, other, after = asyncio.run(scenario())
-    assert shed[0] == 503 and shed[1]["retry-after"] == "3"
+    assert shed[0] == 503 and 3 <= int(shed[1]["retry-after"]) <= 4  # the minimum, plus up to half again
     assert shed[1]["content-type"].startswith("application/problem+json")
     assert [first[0], second[0], other[0], after[0]] == [201, 201, 201, 201]
 
@@ -308,3 +308,12 @@ def test_retry_after_grows_with_the_work_in_flight():
     assert control.retry_after_for(scope_with(0.1)) == 2  # half the work takes 0.5 s: the minimum
     assert control.retry_after_for(scope_with(1.5)) == 8  # half of 10 images at 1.5 s each, rounded up
     assert control.retry_after_for(scope_with(100.0)) == MAX_RETRY_AFTER_S
+
+
+def test_refused_clients_are_told_different_waits():
+    """Jitter: a crowd refused at once must not come back at once."""
+    from app.http.admission import MAX_RETRY_AFTER_S, jittered
+
+    waits = [jittered(8) for _ in range(200)]
+    assert all(8 <= w <= 12 for w in waits) and len(set(waits)) > 1
+    assert jittered(MAX_RETRY_AFTER_S) == MAX_RETRY_AFTER_S
