@@ -82,7 +82,7 @@ def get_image(prediction_id: RecordId, context: ContextDep, session: SessionDep,
     stored = prediction.image
     data = context.images.read(session, stored)
     media = {"BMP": "image/bmp", "PNG": "image/png", "JPEG": "image/jpeg", "TIFF": "image/tiff"}[stored.format]
-    return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
+    return Response(data, media_type=media)
 
 
 @router.get("/{prediction_id}/heatmap", responses={**ERRORS, 409: ERRORS[422]}, response_class=Response)
@@ -99,7 +99,7 @@ def get_heatmap(
     png = context.heatmaps.png(prediction, image, class_name)
     audit.record(session, actor, "prediction.heatmap.read", "prediction", prediction.id)
     session.commit()
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    return Response(png, media_type="image/png")
 
 
 @router.post(

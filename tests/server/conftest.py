@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,25 @@ class LiveServer:
             return list(connection.execute(text(query)).scalars())
 
 
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve the app with uvicorn on a free loopback port, in a thread of this process; yields its base URL."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def live_server(database_url, bundled_classifier, tmp_path_factory) -> Iterator[LiveServer]:
     """uvicorn serving create_app() on a free loopback port, in a thread of this process."""
@@ -124,26 +144,16 @@ def live_server(database_url, bundled_classifier, tmp_path_factory) -> Iterator[
         qc_max_abnormal_probability=0.5,
     )
     app = create_app(settings, classifier=bundled_classifier)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.05)
-    context: AppContext = app.state.context
-    with context.sessions() as session:
-        _, key = accounts.create_api_client(session, SYSTEM, "test-lis")
-        users = {}
-        for role in ("admin", "pathologist", "cytotechnologist"):
-            users[role] = f"{role}-user"
-            accounts.create_user(session, SYSTEM, users[role], PASSWORD, role)
-        session.commit()
-    yield LiveServer(f"http://127.0.0.1:{port}", context, data_dir, key, users)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        context: AppContext = app.state.context
+        with context.sessions() as session:
+            _, key = accounts.create_api_client(session, SYSTEM, "test-lis")
+            users = {}
+            for role in ("admin", "pathologist", "cytotechnologist"):
+                users[role] = f"{role}-user"
+                accounts.create_user(session, SYSTEM, users[role], PASSWORD, role)
+            session.commit()
+        yield LiveServer(url, context, data_dir, key, users)
 
 
 def csrf_of(html: str) -> str:

@@ -13,8 +13,6 @@ import io
 import select
 import socket
 import struct
-import threading
-import time
 import tracemalloc
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -23,7 +21,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 from sqlalchemy import text
 
@@ -34,13 +31,13 @@ from app.main import create_app
 from app.services import accounts
 from app.services.actors import SYSTEM
 from app.services.batches import files_from_zip
+from tests.server.conftest import PASSWORD, serving
 
 MAX_UPLOAD = 300_000
 MAX_BATCH_UPLOAD = 4_000_000
 MAX_EXPANDED = 3_000_000
 MAX_REQUEST = 64 * 1024
 MAX_ITEMS = 1100
-PASSWORD = "correct-horse-battery"
 
 
 @dataclass
@@ -64,12 +61,6 @@ class TightServer:
         return self.count("batches"), self.count("batch_items"), self.count("images")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(database_url, bundled_classifier, tmp_path_factory) -> Iterator[TightServer]:
     settings = Settings(
@@ -83,25 +74,15 @@ def server(database_url, bundled_classifier, tmp_path_factory) -> Iterator[Tight
         embedded_worker=False,
     )
     app = create_app(settings, classifier=bundled_classifier)
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.05)
-    context: AppContext = app.state.context
-    with context.sessions() as session:
-        _, key = accounts.create_api_client(session, SYSTEM, "tight-lis")
-        users = {"pathologist": "tight-pathologist", "admin": "tight-admin"}
-        for role, username in users.items():
-            accounts.create_user(session, SYSTEM, username, PASSWORD, role)
-        session.commit()
-    yield TightServer(f"http://127.0.0.1:{port}", context, key, users)
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        context: AppContext = app.state.context
+        with context.sessions() as session:
+            _, key = accounts.create_api_client(session, SYSTEM, "tight-lis")
+            users = {"pathologist": "tight-pathologist", "admin": "tight-admin"}
+            for role, username in users.items():
+                accounts.create_user(session, SYSTEM, username, PASSWORD, role)
+            session.commit()
+        yield TightServer(url, context, key, users)
 
 
 def assert_problem(response, status: int, words: str) -> None:

@@ -3,13 +3,11 @@ image many times at once, simultaneous idempotent pairs, readiness and metrics w
 exhausted, and workers that read images from the database only. SQLite and PostgreSQL."""
 
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import text
 
 from app.config import Settings
@@ -26,18 +24,10 @@ POOL_SIZE = 2
 MAX_IN_FLIGHT = 6
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def small_server(database_url, bundled_classifier, tmp_path_factory) -> Iterator:
     """A server with 2 pooled connections (no overflow), a 1 s pool timeout and 6 requests in flight."""
-    from tests.server.conftest import PASSWORD, LiveServer
+    from tests.server.conftest import PASSWORD, LiveServer, serving
 
     data_dir = tmp_path_factory.mktemp("load-data")
     settings = Settings(
@@ -52,22 +42,13 @@ def small_server(database_url, bundled_classifier, tmp_path_factory) -> Iterator
         inference_batch_timeout_ms=20,
     )
     app = create_app(settings, classifier=bundled_classifier)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "test server did not start"
-        time.sleep(0.05)
-    context: AppContext = app.state.context
-    with context.sessions() as session:
-        _, key = accounts.create_api_client(session, SYSTEM, "load-lis")
-        accounts.create_user(session, SYSTEM, "load-pathologist", PASSWORD, "pathologist")
-        session.commit()
-    yield LiveServer(f"http://127.0.0.1:{port}", context, data_dir, key, {"pathologist": "load-pathologist"})
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as url:
+        context: AppContext = app.state.context
+        with context.sessions() as session:
+            _, key = accounts.create_api_client(session, SYSTEM, "load-lis")
+            accounts.create_user(session, SYSTEM, "load-pathologist", PASSWORD, "pathologist")
+            session.commit()
+        yield LiveServer(url, context, data_dir, key, {"pathologist": "load-pathologist"})
 
 
 def _post(server, data: bytes, name: str, headers: dict | None = None, client: httpx.Client | None = None):

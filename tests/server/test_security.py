@@ -10,8 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -31,7 +28,7 @@ from app.db.models import AuditEvent, LoginFailure, UserSession, utcnow
 from app.main import create_app
 from app.services import accounts
 from app.services.actors import SYSTEM
-from tests.server.conftest import PASSWORD, LiveServer, _free_port, csrf_of
+from tests.server.conftest import PASSWORD, LiveServer, csrf_of, serving
 
 NEW_PASSWORD = "violet-otter-lantern-42"
 
@@ -424,25 +421,13 @@ def serve_as_app_role(app_url: str, owner_url: str, classifier, data_dir: Path) 
     upgrade_to_head(app_url, owner_url)
     settings = Settings(data_dir=data_dir, database_url=app_url, embedded_worker=False)
     app = create_app(settings, classifier=classifier)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.05)
-    context = app.state.context
-    try:
+    with serving(app) as url:
+        context = app.state.context
         with context.sessions() as session:
             _, key = accounts.create_api_client(session, SYSTEM, "role-lis")
             accounts.create_user(session, SYSTEM, "role-admin", PASSWORD, "admin")
             session.commit()
-        port = server.config.port
-        yield LiveServer(f"http://127.0.0.1:{port}", context, data_dir, key, {"admin": "role-admin"})
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        yield LiveServer(url, context, data_dir, key, {"admin": "role-admin"})
 
 
 def test_postgres_app_role_cannot_tamper_with_the_audit_trail(
