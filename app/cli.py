@@ -2,12 +2,21 @@
 
 import json
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 from app.errors import PapcadError
+from app.ml.site_cells import MIN_ACCESSIONS, MIN_REVIEWED_CELLS  # light: no TensorFlow
+
+if TYPE_CHECKING:  # the commands import what they need when they run: `papcad --help` stays fast
+    from sqlalchemy.orm import Session
+
+    from app.config import Settings
+    from app.db.models import ModelVersion
+    from app.ml.preprocessing import FitMode
 
 cli = typer.Typer(help="PapCAD: computer-assisted diagnosis for Pap-smear cell images.", no_args_is_help=True)
 
@@ -37,6 +46,14 @@ def train(
     normalization: Annotated[
         str | None, typer.Option(help="'caffe' (ResNet50's own) or 'unit' ([-1, 1]; from-scratch only).")
     ] = None,
+    augmentation: Annotated[
+        str | None,
+        typer.Option(help="'cell' (flips, turns, mild light), 'robust' (stain, colour, framing, optics), 'published'."),
+    ] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Override the recipe's peak learning rate.")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this model directory's weights (same input size and split).")
+    ] = None,
     cv: Annotated[int, typer.Option(help="Run grouped k-fold cross-validation with this k instead.")] = 0,
 ) -> None:
     """Train a model on the grouped split, then evaluate it on its held-out test set."""
@@ -50,11 +67,24 @@ def train(
         fail("--fit must be 'resize' or 'pad'")
     if normalization not in (None, "caffe", "unit"):
         fail("--normalization must be 'caffe' or 'unit'")
+    if augmentation not in (None, "cell", "robust", "published"):
+        fail("--augmentation must be 'cell', 'robust' or 'published'")
+    if init_from is not None and not (init_from / "model_card.json").is_file():
+        fail(f"--init-from {init_from} is not a model directory (no model_card.json)")
     chosen = RECIPES[recipe]
-    overrides = {"epochs": epochs, "normalization": normalization, "weight_decay": weight_decay}
+    overrides: dict[str, Any] = {
+        "epochs": epochs,
+        "normalization": normalization,
+        "weight_decay": weight_decay,
+        "augmentation": augmentation,
+        "learning_rate": learning_rate,
+        "init_from": str(init_from) if init_from else None,
+    }
     if image_size or fit_mode:
         overrides["input"] = type(chosen.input)(
-            size=image_size or chosen.input.size, fit=fit_mode or chosen.input.fit, canvas=chosen.input.canvas
+            size=image_size or chosen.input.size,
+            fit=cast("FitMode", fit_mode or chosen.input.fit),
+            canvas=chosen.input.canvas,
         )
     if backbone_weights:
         if backbone_weights in ("none", "imagenet"):
@@ -140,7 +170,8 @@ def fit_ood(
     help="Fine-tune a model on this laboratory's reviewed cells (final label = the latest review) and write a "
     "new model directory with its card: site metrics before/after on held-out accessions and, with --base-data, "
     "the base data's test metrics before/after. Reads DATABASE_URL and PAPCAD_DATA_DIR as `papcad serve` does. "
-    "Needs at least 40 reviewed cells from at least 5 accessions; with fewer it refuses and writes nothing. "
+    f"Needs at least {MIN_REVIEWED_CELLS} reviewed cells from at least {MIN_ACCESSIONS} accessions; with fewer it "
+    "refuses and writes nothing. "
     "Prints the new directory; register it with `papcad model register`."
 )
 def adapt(
@@ -161,8 +192,9 @@ def adapt(
 ) -> None:
     from datetime import UTC, datetime
 
-    from app.ml.adapt import AdaptConfig, check_enough
     from app.ml.adapt import adapt as run_adaptation
+    from app.ml.finetune import AdaptConfig
+    from app.ml.site_cells import check_enough
     from app.services.actors import SYSTEM
     from app.services.images import ImageStore
     from app.services.site_data import load_site_cells
@@ -207,7 +239,7 @@ def predict(
         fail(str(exc))
     failed = False
     for path in tqdm(images, desc="classifying", unit="img", file=sys.stderr, disable=len(images) < 10):
-        record: dict = {"file": str(path)}
+        record: dict[str, Any] = {"file": str(path)}
         try:
             if not path.is_file():
                 raise PapcadError("no such file")
@@ -230,7 +262,7 @@ def predict(
         raise typer.Exit(code=1)
 
 
-def _wait_for_database(settings) -> None:
+def _wait_for_database(settings: "Settings") -> None:
     """Retry an unreachable database for PAPCAD_DB_STARTUP_TIMEOUT_SECONDS, then exit with one line."""
     from app.db.startup import DatabaseUnavailableError, wait_for_database
 
@@ -298,7 +330,10 @@ def migrate() -> None:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _wait_for_database(settings)
-    upgrade_to_head(settings.effective_database_url, settings.migration_database_url)
+    try:
+        upgrade_to_head(settings.effective_database_url, settings.migration_database_url)
+    except PapcadError as exc:
+        fail(str(exc))
     typer.echo("database is at the newest schema")
 
 
@@ -308,7 +343,7 @@ cli.add_typer(user_cli, name="user")
 cli.add_typer(apikey_cli, name="apikey")
 
 
-def _admin_session():
+def _admin_session() -> AbstractContextManager["Session"]:
     """A session on the migrated database; CLI actions are recorded as done by the system."""
     from app.config import get_settings
     from app.db.migrate import upgrade_to_head
@@ -390,7 +425,7 @@ model_cli = typer.Typer(
 cli.add_typer(model_cli, name="model")
 
 
-def _print_versions(rows) -> None:
+def _print_versions(rows: list["ModelVersion"]) -> None:
     for row in rows:
         metrics = (row.card or {}).get("metrics") or {}
         accuracy = metrics.get("binary_accuracy")

@@ -2,12 +2,16 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = PROJECT_ROOT / "model_store" / "resnet50-herlev-r128-v2"
+# A checkout, an editable install and the test suite keep migrations/ and model_store/ beside the package; a
+# non-editable install (the Docker image) does not, and names their folder in PAPCAD_RESOURCE_DIR instead.
+BESIDE_PACKAGE = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = Path("model_store") / "resnet50-herlev-r128-v2"
+DEFAULT_MODEL_DIR = BESIDE_PACKAGE / BUNDLED_MODEL
 
 
 class Settings(BaseSettings):
@@ -19,7 +23,18 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "PAPCAD_DATABASE_URL"),
         description="SQLAlchemy URL; default: SQLite file in data_dir.",
     )
-    model_dir: Path = DEFAULT_MODEL_DIR
+    resource_dir: Path = Field(
+        default=BESIDE_PACKAGE, description="The folder with migrations/ and model_store/; default: beside the package."
+    )
+    # Derived from resource_dir unless set: a derived model_dir is not "set explicitly" for the registry.
+    model_dir: Path = Field(
+        default_factory=lambda data: data["resource_dir"] / BUNDLED_MODEL,
+        description="The model a first start registers and serves; default: the bundled one.",
+    )
+    migrations_dir: Path = Field(
+        default_factory=lambda data: data["resource_dir"] / "migrations",
+        description="The Alembic migrations (env.py and versions/) that start-up applies.",
+    )
     max_upload_bytes: int = 20 * 1024 * 1024
     max_batch_upload_bytes: int = Field(
         default=512 * 1024 * 1024, description="Largest batch request body (many images or one zip)."
@@ -84,6 +99,14 @@ class Settings(BaseSettings):
     )
     inference_batch_timeout_ms: float = Field(
         default=5, ge=0, description="How long the first request of a batch waits for others to join it."
+    )
+    # Read from the environment by app.ml.inference when a model is loaded (server, workers, registry reloads);
+    # declared here so that a wrong value stops start-up with a clear message.
+    inference_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="Network arithmetic: auto = bfloat16 where the CPU has it and pays, else float32."
+    )
+    inference_max_images_per_pass: int = Field(
+        default=8, ge=1, description="Network inputs (cells x test-time views) per forward call; bounds peak memory."
     )
 
     # Model registry

@@ -31,12 +31,19 @@ class AppContext:
     sessions: sessionmaker[Session]
     classifier: Classifier
     images: ImageStore
-    policy: CallPolicy
     heatmaps: Heatmaps
     batcher: DynamicBatcher
     probe_engine: Engine  # health checks and metrics: never waits on the request pool
     worker: Worker | None = None
     models: LiveModels | None = None  # the registry's active model (and candidate), followed at run time
+
+    @property
+    def policy(self) -> CallPolicy:
+        """The lab's call policy now: each prediction at its own model's cut-off, following the registry."""
+        band, fixed = self.settings.uncertainty_band, self.settings.abnormal_threshold
+        if self.models is None:
+            return CallPolicy(self.classifier.abnormal_threshold if fixed is None else fixed, band)
+        return self.models.policy(band, fixed)
 
     @classmethod
     def start(cls, settings: Settings, classifier: Classifier | None = None) -> "AppContext":
@@ -57,17 +64,13 @@ class AppContext:
         # The registry's active model (PAPCAD_MODEL_DIR on a first start); followed per batch after that.
         models = start_models(sessions, settings, classifier)
         classifier = models.active()
-        threshold = settings.abnormal_threshold
         context = cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
             classifier=classifier,
             images=ImageStore(),
-            policy=CallPolicy(
-                classifier.abnormal_threshold if threshold is None else threshold, settings.uncertainty_band
-            ),
-            heatmaps=Heatmaps(classifier, settings.data_dir / "heatmaps"),
+            heatmaps=Heatmaps(models, settings.data_dir / "heatmaps"),
             batcher=DynamicBatcher(
                 models, settings.inference_max_batch_size, settings.inference_batch_timeout_ms / 1000
             ),

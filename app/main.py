@@ -1,5 +1,6 @@
 """The FastAPI application: REST API, health checks and browser pages around one loaded model."""
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from app.api import monitoring as monitoring_api
 from app.api.metrics import RequestMetrics
 from app.config import Settings, get_settings
 from app.context import AppContext
+from app.domain import BatchStatus, CaseStatus, ItemStatus, ModelStatus
 from app.http import admission
 from app.http.headers import SecurityHeaders, csp_nonce
 from app.http.limits import RequestBodyLimit
@@ -35,7 +37,7 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.context = AppContext.start(settings, classifier)
         admission.widen_thread_pool(settings.max_in_flight)
         yield
@@ -61,6 +63,9 @@ def create_app(settings: Settings | None = None, classifier: Classifier | None =
     # Outermost of all: every response, refusals by the limits above included, gets the headers.
     app.add_middleware(SecurityHeaders, hsts=settings.cookie_secure)
     app.state.templates = Jinja2Templates(directory=TEMPLATES, context_processors=[csp_nonce])
+    app.state.templates.env.globals.update(
+        BatchStatus=BatchStatus, CaseStatus=CaseStatus, ItemStatus=ItemStatus, ModelStatus=ModelStatus
+    )
     problems.install(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

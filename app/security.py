@@ -84,7 +84,9 @@ def new_csrf_token() -> str:
 
 
 def csrf_matches(expected: str | None, given: str | None) -> bool:
-    return bool(expected) and bool(given) and hmac.compare_digest(expected, given)
+    if not expected or not given:
+        return False
+    return hmac.compare_digest(expected, given)
 
 
 def new_session_token() -> tuple[str, str]:

@@ -8,25 +8,28 @@ import threading
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.ml.classifier import Classifier
 from app.services import work_queue
 from app.services.images import ImageStore
+from app.services.work_queue import BatchClassifier
 
 log = logging.getLogger("papcad.worker")
 
 
 class Worker:
-    """Claims, classifies and stores batch items until stopped; sleeps while the queue is empty."""
+    """Claims, classifies and stores batch items until stopped; sleeps while the queue is empty.
+
+    It holds a sessionmaker, not a Session: each round opens its own short sessions (see
+    app.services.work_queue), so no connection is held while the model runs."""
 
     def __init__(
         self,
         sessions: sessionmaker[Session],
-        classifier: Classifier,
+        classifier: BatchClassifier,
         images: ImageStore,
         settings: Settings,
         name: str | None = None,
         idle_seconds: float = 2.0,
-    ):
+    ) -> None:
         self.sessions = sessions
         self.classifier = classifier
         self.images = images

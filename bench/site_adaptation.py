@@ -83,7 +83,8 @@ def populate(database_url: str, data_dir: Path, model_dir: Path, limit: int | No
         submission = service.Submission(
             site_png(sample.path.read_bytes()), "api", slide_of[sample.group], sample.path.name
         )
-        prediction, _ = service.create_prediction(factory, batcher, store, settings, lis, submission)
+        with factory() as session:
+            prediction, _ = service.create_prediction(session, batcher, store, settings, lis, submission)
         label = CLASS_NAMES[sample.label]
         action = "confirm" if label == prediction.predicted_class else "override"
         with factory() as session:

@@ -34,4 +34,5 @@ export PAPCAD_TEST_POSTGRES_URL="postgresql+psycopg://papcad@127.0.0.1:$pg_port/
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy
 .venv/bin/pytest -q -p no:cacheprovider "$@"

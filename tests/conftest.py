@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-Sections: ML core (below). Server fixtures go in their own section.
+Sections: ML core, then marks. Server fixtures live in tests/server/conftest.py.
 """
 
 # =============================================================================
@@ -14,9 +14,14 @@ Sections: ML core (below). Server fixtures go in their own section.
 
 import json
 import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The shared data sits beside the repository: <repo>/../shared/datasets/herlev.
@@ -54,6 +59,31 @@ def write_tiny_model_dir(out_dir: Path, size: int = TINY_MODEL_SIZE, tta: str = 
     return out_dir
 
 
+@contextmanager
+def _postgres_database(prefix: str = "papcad_test", template: str | None = None) -> Iterator[str]:
+    """Create a PostgreSQL database on the test server (empty, or a copy of `template`), yield its URL,
+    drop it afterwards."""
+    base = os.environ.get("PAPCAD_TEST_POSTGRES_URL")
+    if not base:
+        pytest.fail("PAPCAD_TEST_POSTGRES_URL is not set: run the tests with `make test`, which starts PostgreSQL")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+    try:
+        yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Callable[..., AbstractContextManager[str]]:
+    """`with postgres_database(prefix, template=None) as url:` a throwaway database on the test server."""
+    return _postgres_database
+
+
 @pytest.fixture(scope="session")
 def herlev_dir() -> Path:
     if not (HERLEV_DIR / "manifest.csv").is_file():
@@ -74,3 +104,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ============================ end of ML core section ==========================
+
+
+# =============================================================================
+# Marks (registered in pyproject.toml). `postgres` is set here rather than by hand, so that every
+# test that reaches PostgreSQL carries it (`make test-fast` deselects it and runs on SQLite alone).
+# =============================================================================
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `postgres` each test that takes a PostgreSQL database: the `postgres_url` fixture, or a
+    parameter (of the test or of one of its fixtures) whose value is "postgresql" (or "postgres")."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec else ()
+        if "postgres_url" in getattr(item, "fixturenames", ()) or any(
+            isinstance(value, str) and value in ("postgresql", "postgres") for value in params
+        ):
+            item.add_marker(pytest.mark.postgres)

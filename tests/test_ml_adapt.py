@@ -63,6 +63,7 @@ def test_split_keeps_accessions_on_one_side():
     assert 0.15 < len(split.test) / 300 < 0.25
 
 
+@pytest.mark.slow  # a real (tiny) fine-tuning run
 def test_adapt_writes_a_loadable_versioned_model(site_cells, tiny_model_dir, tmp_path):
     """Site cells only here; mixing in the base data and the forgetting check run in the server test with the
     real model (tests/server/test_site_adaptation.py)."""
@@ -90,3 +91,11 @@ def test_adapt_writes_a_loadable_versioned_model(site_cells, tiny_model_dir, tmp
     assert json.loads((out / "history.json").read_text())["loss"]
     prediction = loaded.predict([site_cells[0].data])[0]
     assert prediction.model_version == "site-v1"
+    # Its own typical-cell model: fitted on its training cells, cut-off on its validation cells, checked on load.
+    ood = read_card(out)["ood"]
+    assert ood["sha256"] == sha256_file(out / "ood.npz")
+    assert ood["fitted_on"]["n"] == split["train"]["cells"] and ood["cutoff"]["n"] == split["validation"]["cells"]
+    assert ood["evaluation"]["n"] == split["test"]["cells"] and 0 <= ood["evaluation"]["auroc_overall"] <= 1
+    assert loaded.ood is not None and loaded.ood.cutoff == pytest.approx(ood["cutoff"]["distance"], rel=1e-6)
+    assert prediction.in_distribution is not None and prediction.ood_score is not None
+    assert len(adaptation["history"]["validation_score"]) == FAST.epochs

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from app.ml import calibration as cal
+from app.ml.calibration_plots import reliability_diagram
 
 
 def test_temperature_scaling_by_hand():
@@ -51,5 +52,5 @@ def test_temperature_scaling_improves_an_overconfident_model(tmp_path):
     fixed = cal.apply_temperature(overconfident, temperature)
     assert (fixed.argmax(1) == overconfident.argmax(1)).all()
     assert cal.expected_calibration_error(fixed, labels) < cal.expected_calibration_error(overconfident, labels) / 2
-    cal.reliability_diagram(overconfident, fixed, labels, tmp_path / "r.png")
+    reliability_diagram(overconfident, fixed, labels, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000

@@ -21,6 +21,8 @@ from app.ml.artifact import CARD_FILE, WEIGHTS_FILE, read_card, sha256_file
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
 
+pytestmark = [pytest.mark.slow, pytest.mark.cli]  # a real tiny training run and ten `papcad` start-ups
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES_PER_CLASS = 12  # enough for the default split: 5 test folds, then 8 validation folds per class
 
@@ -67,8 +69,9 @@ def _generated_folder(root: Path, classes, per_class: int = 2) -> Path:
 
 # --- every command run once, side by side -------------------------------------------------------
 #
-# Each run is mostly TensorFlow's start-up, so they run a few at a time while the tiny training
-# run (the longest) goes on; the tests below only read the results.
+# Each run is mostly TensorFlow's start-up and graph building, so they run a few at a time: the
+# longest chain (train, then evaluate its model twice) and the cross-validation start first, and
+# the short runs share the third slot; the tests below only read the results.
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +113,28 @@ def cli_inputs(tmp_path_factory, herlev_dir, herlev_one_per_class, tiny_model_di
     }
 
 
+def _train_then_evaluate(i: dict[str, Path], tiny_train: list) -> dict[str, subprocess.CompletedProcess]:
+    """`papcad train`; then `papcad evaluate` on its data, and (on a copy of the model) on data with one image
+    fewer. The card as training wrote it is kept beside, since evaluating rewrites it."""
+    out = i["trained_model"]
+    results = {"train": papcad("train", "--data", i["tiny_dataset"], "--out", out, *tiny_train)}
+    if results["train"].returncode != 0:
+        return results
+    shutil.copy(out / CARD_FILE, i["root"] / "card_after_training.json")
+    other_data = shutil.copytree(i["tiny_dataset"], i["root"] / "evaluate" / "herlev")
+    next((other_data / "light_dysplastic").iterdir()).unlink()
+    model_copy = shutil.copytree(out, i["root"] / "evaluate" / "m")
+    results["evaluate_same_data"] = papcad("evaluate", "--model", out, "--data", i["tiny_dataset"])
+    results["evaluate_other_data"] = papcad("evaluate", "--model", model_copy, "--data", other_data)
+    return results
+
+
 @pytest.fixture(scope="module")
 def runs(cli_inputs) -> dict[str, subprocess.CompletedProcess]:
     i = cli_inputs
     tiny_train = ["--epochs", 1, "--image-size", 32]
-    commands = {
-        "train": ["train", "--data", i["tiny_dataset"], "--out", i["trained_model"], *tiny_train],
+    commands = {  # longest first: the pool starts them in this order
+        "cross_validate": ["train", "--data", i["tiny_dataset"], "--out", i["root"] / "cv", "--cv", 2, *tiny_train],
         "predict": ["predict", "--model", i["tiny_model"], i["image"]],
         "predict_bad_files": ["predict", "--model", i["tiny_model"], i["not_an_image"], i["missing_file"]],
         "train_no_class_folders": ["train", "--data", i["no_class_folders"], "--out", i["root"] / "a", *tiny_train],
@@ -123,11 +142,11 @@ def runs(cli_inputs) -> dict[str, subprocess.CompletedProcess]:
         "train_too_small": ["train", "--data", i["too_small"], "--out", i["root"] / "c", *tiny_train],
         "train_unknown_recipe": ["train", "--data", i["tiny_dataset"], "--out", i["root"] / "d", "--recipe", "nope"],
         "evaluate_missing_model": ["evaluate", "--model", i["root"] / "no_such_model", "--data", i["herlev"]],
-        "cross_validate": ["train", "--data", i["tiny_dataset"], "--out", i["root"] / "cv", "--cv", 2, *tiny_train],
     }
     with ThreadPoolExecutor(max_workers=3) as pool:
+        chain = pool.submit(_train_then_evaluate, i, tiny_train)
         futures = {name: pool.submit(papcad, *args) for name, args in commands.items()}
-        return {name: future.result() for name, future in futures.items()}
+        return {**chain.result(), **{name: future.result() for name, future in futures.items()}}
 
 
 # --- predict ------------------------------------------------------------------------------------
@@ -193,7 +212,11 @@ def trained(runs, cli_inputs) -> tuple[Path, dict, dict]:
     result, out = runs["train"], cli_inputs["trained_model"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    return out, last_json_block(result.stdout), read_card(out)
+    return (
+        out,
+        last_json_block(result.stdout),
+        json.loads((cli_inputs["root"] / "card_after_training.json").read_text()),
+    )
 
 
 def test_train_writes_an_evaluated_model_directory(trained):
@@ -225,17 +248,9 @@ def test_train_writes_an_evaluated_model_directory(trained):
 
 
 @pytest.fixture(scope="module")
-def evaluations(trained, tiny_dataset, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+def evaluations(runs, trained) -> dict[str, subprocess.CompletedProcess]:
     """`papcad evaluate` on the training data, and (on a copy of the model) on data with one image fewer."""
-    out = trained[0]
-    root = tmp_path_factory.mktemp("evaluate")
-    other_data = shutil.copytree(tiny_dataset, root / "herlev")
-    next((other_data / "light_dysplastic").iterdir()).unlink()
-    model_copy = shutil.copytree(out, root / "m")  # the first run rewrites the card in `out`
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        same = pool.submit(papcad, "evaluate", "--model", out, "--data", tiny_dataset)
-        other = pool.submit(papcad, "evaluate", "--model", model_copy, "--data", other_data)
-        return {"same_data": same.result(), "other_data": other.result()}
+    return {"same_data": runs["evaluate_same_data"], "other_data": runs["evaluate_other_data"]}
 
 
 def test_evaluate_reproduces_the_training_metrics(trained, evaluations):

@@ -130,6 +130,7 @@ def refitted_model(herlev_dir, tmp_path_factory) -> tuple[Path, dict]:
     return model_dir, section
 
 
+@pytest.mark.slow  # fits the OOD model of the shipped network on a subset of Herlev
 def test_fit_writes_a_verified_ood_file_and_its_numbers(refitted_model):
     model_dir, section = refitted_model
     card = read_card(model_dir)
@@ -144,7 +145,9 @@ def test_fit_writes_a_verified_ood_file_and_its_numbers(refitted_model):
     assert classifier.ood is not None and classifier.ood.cutoff == pytest.approx(section["cutoff"]["distance"])
 
 
-@pytest.mark.parametrize("refit", [True, False], ids=["refitted-on-a-subset", "shipped-ood-file"])
+@pytest.mark.parametrize(
+    "refit", [pytest.param(True, marks=pytest.mark.slow), False], ids=["refitted-on-a-subset", "shipped-ood-file"]
+)
 def test_named_non_cells_are_out_of_distribution_or_flagged(refit, request):
     model_dir = request.getfixturevalue("refitted_model")[0] if refit else DEFAULT_MODEL_DIR
     classifier = Classifier.load(model_dir)
@@ -164,6 +167,7 @@ def test_shipped_model_calls_most_herlev_cells_typical(herlev_dir):
     assert all(p.input_flags == [] and 0 < p.ood_score for p in predictions)
 
 
+@pytest.mark.slow
 def test_a_tampered_ood_file_is_refused_and_a_model_without_one_still_loads(refitted_model, tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(refitted_model[0], broken)

@@ -5,11 +5,10 @@ Accession ids may hold '/', so the id is matched as a path; the action routes co
 
 from fastapi import APIRouter, Response
 
-from app.api.deps import ActorDep, ContextDep, SessionDep
 from app.api.predictions import ERRORS
 from app.api.schemas import AmendIn, CaseCellOut, CaseOut, CaseReportOut, ReferIn, SignOutIn
-from app.services import audit, case_fhir, cases
-from app.services import fhir as fhir_service
+from app.http.deps import ActorDep, ContextDep, SessionDep
+from app.services import case_fhir, cases
 from app.services.cases import INTERPRETATIONS, CaseSummary
 
 router = APIRouter(prefix="/api/v1/cases", tags=["cases"])
@@ -84,9 +83,7 @@ def get_case_fhir(accession_id: str, context: ContextDep, session: SessionDep, a
     """The case as a FHIR R4B Bundle: a slide-level DiagnosticReport (`preliminary` before sign-out,
     `final` after, `amended` after an amendment) referencing every cell's Observations, and the model
     Devices. Validated against the fhir.resources models before it is sent."""
-    summary = cases.load(session, accession_id, context.policy)
-    body = fhir_service.to_validated_json(case_fhir.build_case_bundle(summary, context.policy))
-    audit.record_read(session, actor, "case.fhir.read", "case", summary.accession_id)
+    body = case_fhir.read_case_bundle(session, actor, accession_id, context.policy)
     return Response(body, media_type=FHIR_JSON)
 
 

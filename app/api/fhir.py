@@ -2,12 +2,10 @@
 
 from fastapi import APIRouter, Response
 
-from app.api.deps import ActorDep, ContextDep, SessionDep
 from app.api.predictions import ERRORS
+from app.http.deps import ActorDep, ContextDep, SessionDep
 from app.http.params import RecordId
-from app.services import audit
 from app.services import fhir as service
-from app.services.predictions import get_prediction
 
 router = APIRouter(prefix="/api/v1/predictions", tags=["predictions"])
 
@@ -23,8 +21,4 @@ def get_fhir_bundle(prediction_id: RecordId, context: ContextDep, session: Sessi
     """DiagnosticReport with Observations (per-class probabilities, P(abnormal), the model call, its
     SNOMED CT Bethesda hint, and the reviewer's final label once reviewed) and the model as a Device.
     Validated against the fhir.resources R4B models before it is sent."""
-    prediction = get_prediction(session, prediction_id)
-    body = service.to_validated_json(service.build_bundle(prediction, policy=context.policy))
-    audit.record(session, actor, "prediction.fhir.read", "prediction", prediction.id)
-    session.commit()
-    return Response(body, media_type=FHIR_JSON)
+    return Response(service.read_bundle(session, actor, prediction_id, context.policy), media_type=FHIR_JSON)

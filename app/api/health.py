@@ -6,8 +6,10 @@ so a load balancer gets an answer within a second even when every pooled connect
 """
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, text
 
 from app.api.problems import problem
@@ -18,7 +20,7 @@ READY_TIMEOUT_S = 0.8
 
 
 @router.get("/healthz")
-async def healthz() -> dict:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
@@ -27,8 +29,8 @@ def _ping(engine: Engine) -> None:
         connection.execute(text("SELECT 1"))
 
 
-@router.get("/readyz")
-async def readyz(request: Request):
+@router.get("/readyz", response_model=None)
+async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
     """Database reachable (through the probe engine) and the model's version."""
     context = request.app.state.context
     try:
@@ -37,10 +39,12 @@ async def readyz(request: Request):
         return problem(503, f"database did not answer within {READY_TIMEOUT_S} s", headers={"Retry-After": "1"})
     except Exception as exc:  # any driver error means "not ready"
         return problem(503, f"database not reachable: {type(exc).__name__}", headers={"Retry-After": "1"})
-    classifier = context.classifier
+    classifier = context.models.held() if context.models is not None else context.classifier  # the serving one
     return {
         "status": "ready",
         "database": context.engine.dialect.name,
         "model_version": classifier.version,
         "typical_cell_check": classifier.ood is not None,
+        "inference_precision": classifier.predictor.precision,  # bfloat16 on CPUs that have it, else float32
+        "tta": classifier.predictor.tta,  # the model card's test-time views
     }

@@ -24,12 +24,14 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from app.api.problems import problem
+from app.context import AppContext
 from app.db.models import BatchItem, Prediction
+from app.domain import PENDING_ITEM_STATUSES
 
 SCRAPE_TIMEOUT_S = 2.0
 
@@ -92,10 +94,10 @@ class DatabaseCollector(Collector):
     """Counts read from the database at scrape time, through the small probe engine (never the
     request pool); the same numbers whichever process or worker is asked."""
 
-    def __init__(self, context):
+    def __init__(self, context: AppContext) -> None:
         self.context = context
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Metric]:
         context = self.context
         up = GaugeMetricFamily("papcad_metrics_database_up", "1 if the database counts below could be read.")
         try:
@@ -108,7 +110,7 @@ class DatabaseCollector(Collector):
                 by_status = dict(
                     connection.execute(
                         select(BatchItem.status, func.count())
-                        .where(BatchItem.status.in_(("queued", "processing")))
+                        .where(BatchItem.status.in_(PENDING_ITEM_STATUSES))
                         .group_by(BatchItem.status)
                     ).all()
                 )
@@ -127,8 +129,8 @@ class DatabaseCollector(Collector):
         queue = GaugeMetricFamily(
             "papcad_batch_queue_items", "Batch items waiting for a worker or being classified.", labels=["status"]
         )
-        for status in ("queued", "processing"):
-            queue.add_metric([status], by_status.get(status, 0))
+        for status in PENDING_ITEM_STATUSES:
+            queue.add_metric([status.value], by_status.get(status, 0))
         yield queue
         batcher = context.batcher
         passes = CounterMetricFamily(
@@ -145,7 +147,7 @@ def process_registry() -> CollectorRegistry:
     """This process's metrics, or every process's when PROMETHEUS_MULTIPROC_DIR is set."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
         return registry
     return REGISTRY
 

@@ -4,9 +4,8 @@ from datetime import date
 
 from fastapi import APIRouter
 
-from app.api.deps import ActorDep, ContextDep, SessionDep
 from app.api.predictions import ERRORS
-from app.services import audit
+from app.http.deps import ActorDep, ContextDep, SessionDep
 from app.services import monitoring as service
 
 router = APIRouter(prefix="/api/v1/monitoring", tags=["monitoring"])
@@ -25,8 +24,4 @@ def get_monitoring(
     UTC day of each prediction's latest review, both ends included. `safety`: sensitivity and specificity of
     the call at the lab's cut-off against the final labels, the missed abnormal cells (called normal, reviewed
     abnormal), QC-sample outcomes and agreement per reviewer. API keys are refused."""
-    service.check_can_view(actor)
-    report = service.load_report(session, date_from, date_to, context.policy)
-    dates = {"date_from": date_from and date_from.isoformat(), "date_to": date_to and date_to.isoformat()}
-    audit.record_read(session, actor, "monitoring.read", None, None, **dates)
-    return report
+    return service.read_report(session, actor, date_from, date_to, context.policy)

@@ -1,25 +1,23 @@
 """/api/v1/predictions: submit an image, read results, review them."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.deps import ActorDep, ContextDep, SessionDep
 from app.api.schemas import PredictionOut, PredictionPage, Problem, ReviewIn, ReviewOut
+from app.domain import PredictionSource
+from app.http.deps import ActorDep, ContextDep, SessionDep
 from app.http.params import Offset, RecordId
-from app.services import audit, reviews
 from app.services import predictions as service
+from app.services import reviews
 from app.services.text import strip_control_characters
 
 router = APIRouter(prefix="/api/v1/predictions", tags=["predictions"])
 
-ERRORS = {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (401, 403, 404, 422)}
-
-
-async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
-    """At most max_bytes + 1 bytes: enough to tell an over-size file without holding all of it."""
-    return await upload.read(max_bytes + 1)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (401, 403, 404, 422)
+}
 
 
 @router.post(
@@ -27,6 +25,7 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
 )
 async def submit_prediction(
     context: ContextDep,
+    session: SessionDep,
     actor: ActorDep,
     response: Response,
     image: Annotated[UploadFile, File(description="The cell image (BMP, PNG, JPEG or TIFF).")],
@@ -36,16 +35,15 @@ async def submit_prediction(
     """Classify one cell image and record the result. Retrying with the same `Idempotency-Key`
     returns the first result (header `Idempotent-Replayed: true`) instead of a new one."""
     submission = service.Submission(
-        data=await read_upload(image, context.settings.max_upload_bytes),
-        source="api",
+        data=image.file,
+        source=PredictionSource.API,
         accession_id=accession_id,
         filename=strip_control_characters(image.filename),
         idempotency_key=idempotency_key,
     )
     prediction, created = await run_in_threadpool(
-        service.create_prediction, context.sessions, context.batcher, context.images, context.settings, actor,
-        submission,
-    )  # fmt: skip
+        service.create_prediction, session, context.batcher, context.images, context.settings, actor, submission
+    )
     response.headers["Location"] = f"/api/v1/predictions/{prediction.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -76,13 +74,8 @@ def get_prediction(prediction_id: RecordId, context: ContextDep, session: Sessio
 @router.get("/{prediction_id}/image", responses=ERRORS, response_class=Response)
 def get_image(prediction_id: RecordId, context: ContextDep, session: SessionDep, actor: ActorDep) -> Response:
     """The submitted image file, as uploaded."""
-    prediction = service.get_prediction(session, prediction_id)
-    audit.record(session, actor, "prediction.image.read", "prediction", prediction.id)
-    session.commit()
-    stored = prediction.image
-    data = context.images.read(session, stored)
-    media = {"BMP": "image/bmp", "PNG": "image/png", "JPEG": "image/jpeg", "TIFF": "image/tiff"}[stored.format]
-    return Response(data, media_type=media)
+    data, media_type = service.read_image(session, context.images, actor, prediction_id)
+    return Response(data, media_type=media_type)
 
 
 @router.get("/{prediction_id}/heatmap", responses={**ERRORS, 409: ERRORS[422]}, response_class=Response)
@@ -94,11 +87,7 @@ def get_heatmap(
     class_name: Annotated[str | None, Query(alias="class", description="Class to explain; default: the call.")] = None,
 ) -> Response:
     """Grad-CAM map (PNG, inferno, the image's aspect, at most 1024 px a side) of what drove the model's call."""
-    prediction = service.get_prediction(session, prediction_id)
-    image = context.images.read(session, prediction.image)
-    png = context.heatmaps.png(prediction, image, class_name)
-    audit.record(session, actor, "prediction.heatmap.read", "prediction", prediction.id)
-    session.commit()
+    png = service.read_heatmap(session, context.images, context.heatmaps, actor, prediction_id, class_name)
     return Response(png, media_type="image/png")
 
 

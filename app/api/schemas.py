@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.models import Prediction, Review
+from app.domain import BatchStatus, CaseStatus, ItemStatus, PredictionSource
 from app.ml.classes import BETHESDA_HINT, CLASS_LABELS
 from app.services.calls import CallPolicy
 from app.services.predictions import final_label
@@ -60,7 +61,10 @@ class PredictionOut(BaseModel):
     predicted_label: str
     probabilities: dict[str, float]
     abnormal_probability: float = Field(description="Sum of the 4 abnormal classes' calibrated probabilities.")
-    abnormal_threshold: float = Field(description="The lab's P(abnormal) cut-off in force when read.")
+    abnormal_threshold: float = Field(
+        description="The P(abnormal) cut-off this call is read at: that of the model version that made it (or the "
+        "lab's own cut-off when one is set)."
+    )
     abnormal_call: Literal["normal", "abnormal"]
     needs_review: bool = Field(description="A person must look: true when review_reasons is not empty.")
     review_reasons: list[str] = Field(
@@ -80,7 +84,7 @@ class PredictionOut(BaseModel):
     weights_sha256: str
     image_sha256: str
     original_filename: str | None
-    source: str
+    source: PredictionSource
     submitted_by: str
     created_at: datetime
     reviews: list[ReviewOut]
@@ -97,8 +101,8 @@ class PredictionOut(BaseModel):
             predicted_label=CLASS_LABELS[p.predicted_class],
             probabilities=p.probabilities,
             abnormal_probability=p.abnormal_probability,
-            abnormal_threshold=policy.abnormal_threshold,
-            abnormal_call="abnormal" if policy.is_abnormal(p.abnormal_probability) else "normal",
+            abnormal_threshold=policy.cutoff_of(p),
+            abnormal_call="abnormal" if policy.calls_abnormal(p) else "normal",
             needs_review=bool(reasons),
             review_reasons=reasons,
             in_distribution=p.in_distribution,
@@ -144,7 +148,7 @@ class BatchOut(BaseModel):
     id: int
     name: str | None
     accession_id: str | None
-    status: Literal["processing", "done"]
+    status: BatchStatus
     progress: float = Field(description="Share of items classified or failed, 0-1.")
     counts: BatchCounts
     created_at: datetime
@@ -154,7 +158,7 @@ class BatchItemOut(BaseModel):
     id: int
     position: int
     file_name: str
-    status: str
+    status: ItemStatus
     error: str | None
     qc_sample: bool
     uncertainty: float | None = Field(description="1 - |2 P(abnormal) - 1|: 1 = coin flip, 0 = sure.")
@@ -201,7 +205,7 @@ class CaseCellOut(BaseModel):
 
 class CaseOut(BaseModel):
     accession_id: str
-    status: Literal["open", "in_review", "referred", "signed_out"]
+    status: CaseStatus
     amended: bool
     cells: int
     reviewed: int

@@ -28,6 +28,6 @@ def refuse_nul_text(engine: Engine) -> None:
     """Make every statement on this engine raise InputError when a bound text value holds NUL."""
 
     @event.listens_for(engine, "before_cursor_execute")
-    def _check(connection, cursor, statement, parameters, context, executemany) -> None:
+    def _check(connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
         if _has_nul(parameters):
             raise InputError("text must not contain NUL characters")

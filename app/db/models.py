@@ -1,6 +1,7 @@
 """SQLAlchemy 2 ORM models. The schema itself is owned by the Alembic history in migrations/."""
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -22,18 +24,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class UTCDateTime(TypeDecorator):
+class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every database (SQLite stores them without a zone)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value, dialect):
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("naive datetime: store UTC-aware datetimes only")
         return value.astimezone(UTC) if value is not None else None
 
-    def process_result_value(self, value, dialect):
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
@@ -135,9 +137,9 @@ class Prediction(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
     accession_id: Mapped[str | None] = mapped_column(String(64), index=True)
     original_filename: Mapped[str | None] = mapped_column(String(255))
-    source: Mapped[str] = mapped_column(String(16))  # web | api | batch
+    source: Mapped[str] = mapped_column(String(16))  # app.domain.PredictionSource
     predicted_class: Mapped[str] = mapped_column(String(32))
-    probabilities: Mapped[dict] = mapped_column(JSON)
+    probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
     abnormal_probability: Mapped[float] = mapped_column(Float)
     model_version: Mapped[str] = mapped_column(String(64))
     weights_sha256: Mapped[str] = mapped_column(String(64))
@@ -148,7 +150,7 @@ class Prediction(Base):
     # (SQL NULL when nothing, so the review queue can filter on it in any database).
     in_distribution: Mapped[bool | None] = mapped_column(Boolean)
     ood_score: Mapped[float | None] = mapped_column(Float)
-    input_flags: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
+    input_flags: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
     image: Mapped[StoredImage] = relationship(lazy="joined")
@@ -183,11 +185,11 @@ class AuditEvent(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
-    actor: Mapped[str] = mapped_column(String(96))  # "user:<name>", "apikey:<name>", "system"
+    actor: Mapped[str] = mapped_column(String(96))  # "<ActorKind>:<name>", e.g. "user:dr.x", "worker:host:42"
     action: Mapped[str] = mapped_column(String(64))
     entity_type: Mapped[str | None] = mapped_column(String(32))
     entity_id: Mapped[str | None] = mapped_column(String(64))
-    detail: Mapped[dict | None] = mapped_column(JSON)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Batch(Base):
@@ -216,7 +218,7 @@ class BatchItem(Base):
     position: Mapped[int] = mapped_column(Integer)
     filename: Mapped[str] = mapped_column(String(255))
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # app.domain.ItemStatus
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128))
@@ -278,8 +280,8 @@ class ModelVersion(Base):
     version: Mapped[str] = mapped_column(String(64), unique=True)
     directory: Mapped[str] = mapped_column(String(1024))
     weights_sha256: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), index=True)  # candidate | active | retired
-    card: Mapped[dict | None] = mapped_column(JSON)  # the model card as registered, for the admin page
+    status: Mapped[str] = mapped_column(String(16), index=True)  # app.domain.ModelStatus
+    card: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the model card as registered, for the admin page
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     changed_by: Mapped[str] = mapped_column(String(96))
@@ -297,7 +299,7 @@ class ShadowPrediction(Base):
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"), index=True)
     model_version: Mapped[str] = mapped_column(String(64), index=True)
     weights_sha256: Mapped[str] = mapped_column(String(64))
-    probabilities: Mapped[dict] = mapped_column(JSON)
+    probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
     predicted_class: Mapped[str] = mapped_column(String(32))
     abnormal_probability: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from app.api.metrics import ADMISSION_REJECTED, CLASSIFYING_IN_FLIGHT
@@ -74,7 +75,7 @@ class AdmissionControl:
     def retry_after_for(self, scope: Scope) -> int:
         """Seconds until about half the work in flight is done (the model's recent cost per image)."""
         context = getattr(getattr(scope.get("app"), "state", None), "context", None)
-        per_image = getattr(getattr(context, "batcher", None), "seconds_per_image", None)
+        per_image: float | None = getattr(getattr(context, "batcher", None), "seconds_per_image", None)
         if not per_image:
             return self.retry_after
         return max(self.retry_after, min(MAX_RETRY_AFTER_S, math.ceil(self.in_flight * per_image / 2)))
@@ -99,9 +100,9 @@ def install(app: FastAPI, max_in_flight: int, retry_after_seconds: int) -> None:
     headers = {"Retry-After": str(retry_after_seconds)}
 
     @app.exception_handler(PoolTimeoutError)
-    async def _pool_exhausted(request: Request, exc: PoolTimeoutError):
+    async def _pool_exhausted(request: Request, exc: PoolTimeoutError) -> JSONResponse:
         return problem(503, "the database is busy (no free connection); retry shortly", headers=headers)
 
     @app.exception_handler(BatcherStopped)
-    async def _stopping(request: Request, exc: BatcherStopped):
+    async def _stopping(request: Request, exc: BatcherStopped) -> JSONResponse:
         return problem(503, "the server is shutting down; retry shortly", headers=headers)

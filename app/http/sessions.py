@@ -28,7 +28,8 @@ def client_address(request: Request) -> str:
 
 
 def _settings(request: Request) -> Settings:
-    return request.app.state.context.settings
+    settings: Settings = request.app.state.context.settings
+    return settings
 
 
 def current(request: Request, session: Session) -> UserSession | None:
@@ -43,7 +44,8 @@ def current(request: Request, session: Session) -> UserSession | None:
             if found is None:
                 _queue(request, _cookie(SESSION_COOKIE, "", 0, _settings(request)))
         state[LOOKED_UP] = found
-    return state[LOOKED_UP]
+    looked_up: UserSession | None = state[LOOKED_UP]
+    return looked_up
 
 
 def signed_in_csrf(request: Request) -> str | None:

@@ -1,18 +1,24 @@
 """Adapt a model to one laboratory from the cells its own reviewers labelled.
 
     site cells --(grouped by accession)--> train | validation | held-out test
-    base model --fine-tune on site train (+ base training data)--> adapted model
-    validation --> temperature and abnormal cut-off;  held-out site + base test --> before / after
+    base model --fine-tune on site train (+ base training images)--> adapted model
+    site validation (+ base validation split) --> early stopping, the typical-cell cut-off
+    site validation --> temperature and abnormal cut-off;  held-out site + base test --> before / after
 
-The recipe tries not to forget the base data (the forgetting check on the base model's own test split
-is in the card; on the simulated site of model_store/README.md it still loses about 6 points there):
+The recipe (`app.ml.finetune`) tries not to forget the base data (the forgetting check on the base model's
+own test split is in the card):
   * every batch mixes site cells with base training images (`base_share` of the batch);
   * the base images' targets blend their label with the base model's own probabilities (learning
     without forgetting: the adapted network is asked to answer as before);
   * BatchNorm statistics and scales, and the convolution biases in front of them, stay the base
     model's, so base-data inputs are normalised exactly as before;
+  * the early stages learn slowest (`stage_rates`): through frozen BatchNorm a change there reaches every
+    later layer, amplified;
   * an L2-SP penalty pulls every weight towards its base value, and the learning rate is small,
-    with a one-epoch warm-up and cosine decay to zero.
+    with a one-epoch warm-up and cosine decay to zero;
+  * the epoch kept is the one with the best 7-class accuracy on the combined validation cells (site
+    validation accessions + the base model's validation split, which is not mixed in).
+The adapted network gets its own typical-cell (OOD) model (`app.ml.ood_fit.fit_from_pixels`).
 No database, no HTTP: the caller hands over the site cells (see `app.services.site_data`).
 """
 
@@ -25,64 +31,37 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from app.errors import DatasetError, InputError, InvalidImageError, PapcadError
+from app.errors import DatasetError, InputError, InvalidImageError
 from app.ml import calibration as cal
-from app.ml.artifact import WEIGHTS_FILE, read_card, sha256_file, verified_weights_path, write_card
+from app.ml.artifact import WEIGHTS_FILE, read_card, sha256_file, write_card
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
 from app.ml.data import Dataset, discover, fixed_split, load_arrays
 from app.ml.evaluation import ABNORMAL_MASK, compute_metrics, write_report
-from app.ml.model import build_model, load_weights, save_weights
-from app.ml.preprocessing import prepare_image
-from app.ml.train import augmentation
+from app.ml.finetune import AdaptConfig as AdaptConfig  # adapt()'s recipe argument
+from app.ml.finetune import fine_tune, validation_judge
+from app.ml.input_checks import as_sent, input_flags
+from app.ml.model import save_weights
+from app.ml.ood_fit import every_kth, fit_from_pixels
+from app.ml.preprocessing import InputSpec, decode_image, prepare_image
+from app.ml.site_cells import MIN_ACCESSIONS as MIN_ACCESSIONS
+from app.ml.site_cells import MIN_REVIEWED_CELLS as MIN_REVIEWED_CELLS
+from app.ml.site_cells import SiteCell as SiteCell
+from app.ml.site_cells import TooFewCellsError as TooFewCellsError
+from app.ml.site_cells import check_enough as check_enough
 
-# Fewer reviewed cells, or fewer accessions, cannot give a grouped train / validation / test split
-# with enough cells on each side to fit a cut-off and to judge the result.
-MIN_REVIEWED_CELLS = 40
-MIN_ACCESSIONS = 5
 TARGET_SENSITIVITY = 0.95  # as for the base model: a missed abnormal cell is the costly error
 SITE_TEST_FOLDS = 5  # 1/5 of the site's accessions held out for the before/after comparison
 SITE_VAL_FOLDS = 5  # 1/5 of the rest for the temperature and cut-off
-
-
-class TooFewCellsError(PapcadError):
-    """Not enough reviewed cells (or accessions) to adapt and still judge the result."""
-
-
-@dataclass(frozen=True)
-class SiteCell:
-    """One reviewed cell of the laboratory: its stored image, its final label, its accession."""
-
-    data: bytes
-    label: str
-    group: str  # the accession (or the image itself when the cell came without one)
-
-
-@dataclass(frozen=True)
-class AdaptConfig:
-    epochs: int = 6
-    optimizer: str = "adam"  # or "sgd" (momentum 0.9)
-    learning_rate: float = 1e-4
-    batch_size: int = 32
-    base_share: float = 0.5  # of every batch, when base data is given
-    distillation: float = 1.0  # weight of the base model's probabilities in the base images' targets
-    l2sp: float = 0.1  # alpha/2 * ||w - w_base||^2, summed over every trainable weight
-    label_smoothing: float = 0.1
-    augmentation: str = "cell"
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise InputError("epochs must be at least 1")
-        if not 0 <= self.base_share < 1:
-            raise InputError("base_share must be in [0, 1)")
+OOD_FIT_CELLS = 800  # training cells for the typical-cell model's class means and covariance (time: 8 views each)
+OOD_SET_CELLS = 20  # images per non-cell set in its check (the shipped model's card uses 40)
 
 
 @dataclass(frozen=True)
@@ -90,17 +69,6 @@ class SiteSplit:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-
-
-def check_enough(cells: Sequence[SiteCell]) -> None:
-    """Raise TooFewCellsError unless the cells can be split by accession and still judged."""
-    accessions = len({c.group for c in cells})
-    if len(cells) < MIN_REVIEWED_CELLS or accessions < MIN_ACCESSIONS:
-        raise TooFewCellsError(
-            f"{len(cells)} reviewed cells from {accessions} accessions; adaptation needs at least "
-            f"{MIN_REVIEWED_CELLS} reviewed cells from at least {MIN_ACCESSIONS} accessions "
-            "(review more cells, or widen --since)"
-        )
 
 
 def split_site(labels: np.ndarray, groups: np.ndarray, seed: int) -> SiteSplit:
@@ -119,7 +87,7 @@ def split_site(labels: np.ndarray, groups: np.ndarray, seed: int) -> SiteSplit:
     return SiteSplit(train=rest[train_local], val=rest[val_local], test=test)
 
 
-def site_arrays(cells: Sequence[SiteCell], spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def site_arrays(cells: Sequence[SiteCell], spec: InputSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Network input, label indices and accession of every cell."""
     pixels = []
     for cell in tqdm(cells, desc="preparing site cells", unit="img", disable=len(cells) < 200):
@@ -133,145 +101,35 @@ def site_arrays(cells: Sequence[SiteCell], spec) -> tuple[np.ndarray, np.ndarray
 
 @dataclass
 class BaseData:
-    """The base model's training data: what is mixed in, and its own test split for the forgetting check."""
+    """The base model's training data: what is mixed in, its validation split (joined to the site's for early
+    stopping and the typical-cell cut-off) and its own test split for the forgetting check."""
 
     dataset: Dataset
     mix: np.ndarray
-    test: np.ndarray | None  # None when the data is not what the base model was trained on
+    val: np.ndarray | None  # None (like test) when the data is not what the base model was trained on
+    test: np.ndarray | None
     note: str
 
 
-def base_data(folder: Path, card: dict) -> BaseData:
+def base_data(folder: Path, card: dict[str, Any]) -> BaseData:
     dataset = discover(folder)
     data = card.get("data") or {}
     split_info = data.get("split") or {}
     if data.get("fingerprint_sha256") and dataset.fingerprint() == data["fingerprint_sha256"] and split_info:
         split = fixed_split(dataset, split_info["seed"], val_folds=split_info["val_folds"])
-        mix = np.concatenate([split.train, split.val])
-        note = "the base model's training data: its train and validation splits mixed in, its test split held out"
-        return BaseData(dataset, mix, split.test, note)
+        note = (
+            "the base model's training data: its train split mixed in, its validation split joined to the site's "
+            "validation, its test split held out"
+        )
+        return BaseData(dataset, split.train, split.val, split.test, note)
     note = (
         "not the data the base model was trained on (fingerprint differs or the card has none): "
         "all of it mixed in, no forgetting check"
     )
-    return BaseData(dataset, np.arange(len(dataset.samples)), None, note)
+    return BaseData(dataset, np.arange(len(dataset.samples)), None, None, note)
 
 
-def _all_layers(layer: keras.layers.Layer):
-    yield layer
-    for inner in getattr(layer, "layers", []):
-        yield from _all_layers(inner)
-
-
-def _network(model_dir: Path, card: dict) -> keras.Model:
-    model = build_model(
-        int(card["input"]["size"]),
-        num_classes=len(CLASS_NAMES),
-        dropout=card["recipe"]["dropout"],
-        normalization=card["input"].get("normalization", "caffe"),
-    )
-    load_weights(model, verified_weights_path(model_dir, card))
-    return model
-
-
-def _smoothed(labels: tf.Tensor, smoothing: float) -> tf.Tensor:
-    onehot = tf.one_hot(labels, len(CLASS_NAMES))
-    return onehot * (1.0 - smoothing) + smoothing / len(CLASS_NAMES)
-
-
-def _cross_entropy(targets: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
-    return -tf.reduce_mean(tf.reduce_sum(targets * tf.math.log(tf.clip_by_value(probs, 1e-7, 1.0)), axis=1))
-
-
-def _batches(x: np.ndarray, y: np.ndarray, size: int, seed: int, augment) -> tf.data.Dataset:
-    return (
-        tf.data.Dataset.from_tensor_slices((x, y))
-        .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        .repeat()
-        .batch(size, drop_remainder=True)
-        .map(lambda images, labels: (augment(tf.cast(images, tf.float32), training=True), labels))
-        .prefetch(2)
-    )
-
-
-def fine_tune(
-    base_dir: Path,
-    card: dict,
-    site: tuple[np.ndarray, np.ndarray],
-    base: tuple[np.ndarray, np.ndarray] | None,
-    config: AdaptConfig,
-    progress: bool = True,
-) -> tuple[keras.Model, dict[str, list[float]]]:
-    """The base network, fine-tuned on the site cells (and base images); returns it with its per-epoch losses."""
-    keras.utils.set_random_seed(config.seed)
-    student = _network(base_dir, card)
-    for layer in _all_layers(student):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False  # keeps the base statistics and runs in inference mode
-    mixing = base is not None and len(base[0]) > 0 and config.base_share > 0
-    base_size = max(1, round(config.batch_size * config.base_share)) if mixing else 0
-    site_size = max(1, min(config.batch_size - base_size, len(site[0])))
-    steps = max(1, len(site[0]) // site_size)
-    augment = augmentation(config.augmentation)
-    site_ds = _batches(*site, site_size, config.seed, augment)
-    if mixing:
-        teacher = _network(base_dir, card)
-        base_ds = _batches(*base, base_size, config.seed + 1, augment)
-        stream = tf.data.Dataset.zip(site_ds, base_ds)
-    else:
-        teacher = None
-        stream = site_ds.map(lambda x, y: ((x, y), (x[:0], y[:0])))
-
-    # Convolution biases feed BatchNorm, which removed them while the base model trained, so they never
-    # learned anything; under frozen BatchNorm each would shift a whole channel at once, and the site's
-    # gradient moves them first. They stay as they are: kernels (and the head) adapt.
-    variables = [v for v in student.trainable_variables if not v.path.endswith("_conv/bias")]
-    anchors = [tf.constant(v.numpy()) for v in variables]
-    total = steps * config.epochs
-    warmup = steps  # one epoch: Adam's first steps move every weight by about the full rate
-    rate = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, total - warmup), warmup_target=config.learning_rate, warmup_steps=warmup
-    )
-    if config.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(rate, momentum=0.9)
-    else:
-        optimizer = keras.optimizers.Adam(rate)
-
-    @tf.function
-    def step(site_x, site_y, base_x, base_y):
-        targets = _smoothed(site_y, config.label_smoothing)
-        images = site_x
-        if teacher is not None:
-            remembered = tf.cast(teacher(base_x, training=False), tf.float32)
-            base_targets = (1 - config.distillation) * _smoothed(base_y, config.label_smoothing)
-            targets = tf.concat([targets, base_targets + config.distillation * remembered], axis=0)
-            images = tf.concat([site_x, base_x], axis=0)
-        with tf.GradientTape() as tape:
-            probs = tf.cast(student(images, training=True), tf.float32)
-            cross_entropy = _cross_entropy(targets, probs)
-            drift = tf.add_n([tf.reduce_sum(tf.square(v - a)) for v, a in zip(variables, anchors, strict=True)])
-            loss = cross_entropy + 0.5 * config.l2sp * drift
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
-        return cross_entropy, drift
-
-    history: dict[str, list[float]] = {"loss": [], "drift": []}
-    iterator = iter(stream)
-    with tqdm(total=total, desc="adapting", unit="step", disable=not progress) as bar:
-        for epoch in range(config.epochs):
-            losses, drift = [], 0.0
-            for _ in range(steps):
-                (site_x, site_y), (base_x, base_y) = next(iterator)
-                loss, drift_now = step(site_x, site_y, base_x, base_y)
-                losses.append(float(loss))
-                drift = float(drift_now)
-                bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{np.mean(losses):.3f}")
-            history["loss"].append(float(np.mean(losses)))
-            history["drift"].append(drift)
-    return student, history
-
-
-def _summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
+def _summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
     """The figures the card and the admin page show for one model on one set of cells."""
     result = compute_metrics(labels, probs)
     p_abnormal, abnormal = probs[:, ABNORMAL_MASK].sum(axis=1), ABNORMAL_MASK[labels]
@@ -291,7 +149,7 @@ def _summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
     }
 
 
-def _card_summary(card: dict) -> dict | None:
+def _card_summary(card: dict[str, Any]) -> dict[str, Any] | None:
     """The base model's own test-split figures from its card (written by `papcad evaluate` with the same
     calibrated, test-time-augmented predictions), so the forgetting check need not score them again."""
     metrics, cutoff = card.get("metrics") or {}, card.get("abnormal_threshold") or {}
@@ -312,7 +170,9 @@ def _calibrated(classifier: Classifier, pixels: np.ndarray) -> np.ndarray:
     return classifier.predict_pixels(pixels) if len(pixels) else np.zeros((0, len(CLASS_NAMES)))
 
 
-def _recalibrate(classifier: Classifier, x_val: np.ndarray, y_val: np.ndarray, base_threshold: float) -> tuple:
+def _recalibrate(
+    classifier: Classifier, x_val: np.ndarray, y_val: np.ndarray, base_threshold: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Temperature and cut-off fitted on the site's validation cells (the base cut-off if they cannot say)."""
     raw = classifier.predictor(x_val)
     temperature = cal.fit_temperature(raw, y_val)
@@ -344,10 +204,10 @@ def _recalibrate(classifier: Classifier, x_val: np.ndarray, y_val: np.ndarray, b
     return calibration, cutoff
 
 
-def _describe(cells: Sequence[SiteCell], labels: np.ndarray, groups: np.ndarray, split: SiteSplit) -> dict:
+def _describe(cells: Sequence[SiteCell], labels: np.ndarray, groups: np.ndarray, split: SiteSplit) -> dict[str, Any]:
     counts = Counter(c.label for c in cells)
 
-    def side(indices: np.ndarray) -> dict:
+    def side(indices: np.ndarray) -> dict[str, int]:
         return {"cells": int(len(indices)), "accessions": int(len(set(groups[indices])))}
 
     return {
@@ -379,7 +239,7 @@ def adapt(
     version: str | None = None,
     since: str | None = None,
     progress: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Fine-tune the base model on the site's reviewed cells and write the adapted model directory.
 
     Everything is written to a hidden sibling directory that is renamed to out_dir only when complete,
@@ -396,9 +256,19 @@ def adapt(
     split = split_site(y_site, groups, config.seed)
     base = base_data(base_folder, base_card) if base_folder is not None else None
     base_arrays = load_arrays(base.dataset.subset(base.mix), spec, progress) if base is not None else None
+    x_val, y_val = x_site[split.val], y_site[split.val]
+    if base is not None and base.val is not None:
+        x_base_val, y_base_val = load_arrays(base.dataset.subset(base.val), spec, progress)
+        x_val, y_val = np.concatenate([x_val, x_base_val]), np.concatenate([y_val, y_base_val])
 
     model, history = fine_tune(
-        base_dir, base_card, (x_site[split.train], y_site[split.train]), base_arrays, config, progress
+        base_dir,
+        base_card,
+        (x_site[split.train], y_site[split.train]),
+        base_arrays,
+        config,
+        progress,
+        judge=validation_judge(x_val, y_val),
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -414,11 +284,15 @@ def adapt(
         adapted = Classifier.load(work, with_ood=False)
 
         x_test, y_test = x_site[split.test], y_site[split.test]
-        site_after_probs = _calibrated(adapted, x_test)
+        site_after_probs, test_features = adapted.predict_pixels_with_features(x_test)
+        card["ood"] = _typical_cell_model(
+            work, adapted, cells, split, x_site, y_site, base_arrays, x_val, test_features
+        )
+        site_after = _summary(y_test, site_after_probs, cutoff["value"])
         site = {
             "split": "held-out site accessions",
             "before": _summary(y_test, _calibrated(base_model, x_test), base_model.abnormal_threshold),
-            "after": _summary(y_test, site_after_probs, cutoff["value"]),
+            "after": site_after,
         }
         write_report(work, y_test, site_after_probs, prefix="site_test")
         herlev = None
@@ -456,13 +330,14 @@ def adapt(
             "base_test_metrics": herlev,
         }
         card["metrics"] = {
-            **site["after"],
+            **site_after,
             "split": "held-out site accessions",
             "tta": adapted.predictor.tta,
             "probabilities": "calibrated",
             "details": "site_test_metrics.json",
         }
         write_card(work, card)
+        Classifier.load(work)  # as a server will load it: weights and typical-cell model checked
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         work.rename(out_dir)
@@ -472,9 +347,51 @@ def adapt(
     return card
 
 
+def _typical_cell_model(
+    work: Path,
+    adapted: Classifier,
+    cells: Sequence[SiteCell],
+    split: SiteSplit,
+    x_site: np.ndarray,
+    y_site: np.ndarray,
+    base_arrays: tuple[np.ndarray, np.ndarray] | None,
+    x_val: np.ndarray,
+    test_features: np.ndarray,
+) -> dict[str, Any]:
+    """The adapted network's own "not a typical cell" model: fitted on its training cells (site training
+    accessions and the base images mixed in, at most OOD_FIT_CELLS of them), cut-off on the combined validation
+    cells, measured on the held-out site accessions against the non-cell sets."""
+    # The site's cells and the base images are two kinds of typical cell: each class of each gets its own mean
+    # (site classes numbered after the base's), so a small site is not judged against the base's means alone.
+    x_train, y_train = x_site[split.train], y_site[split.train] + len(CLASS_NAMES)
+    if base_arrays is not None:
+        x_train, y_train = np.concatenate([x_train, base_arrays[0]]), np.concatenate([y_train, base_arrays[1]])
+    keep = every_kth(len(y_train), OOD_FIT_CELLS)
+    test_cells = [cells[i] for i in split.test]
+    flags = [input_flags(as_sent(c.data), decode_image(c.data)) for c in test_cells]
+    crops = [decode_image(c.data) for c in test_cells]
+    described = {
+        "fitted_on": "site training accessions"
+        + (" + the base images mixed in" if base_arrays is not None else "")
+        + " (a mean per class of each)",
+        "chosen_on": "site validation accessions"
+        + (" + the base model's validation split" if len(x_val) > len(split.val) else ""),
+        "test_split": "held-out site accessions",
+        "command": "papcad adapt (refitted for the adapted network)",
+    }
+    return fit_from_pixels(
+        adapted, work, (x_train[keep], y_train[keep]), x_val, (test_features, flags), crops, described, OOD_SET_CELLS
+    )
+
+
 def _write_adapted(
-    work: Path, model: keras.Model, history: dict, base_card: dict, base_dir: Path, version: str
-) -> dict:
+    work: Path,
+    model: keras.Model,
+    history: dict[str, list[float]],
+    base_card: dict[str, Any],
+    base_dir: Path,
+    version: str,
+) -> dict[str, Any]:
     save_weights(model, work / WEIGHTS_FILE)
     (work / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     card = {k: v for k, v in base_card.items() if k not in ("ood", "robustness", "metrics", "calibration")}
@@ -487,8 +404,7 @@ def _write_adapted(
     )
     card["notes"] = [
         f"Adapted from {base_card['version']} to one laboratory's reviewed cells (see 'adaptation').",
-        "The base model's out-of-distribution model does not fit the adapted network and was not copied; "
-        "refit it with `papcad fit-ood` if wanted.",
+        "The typical-cell (OOD) model is the adapted network's own, fitted on its training cells (see 'ood').",
     ]
     write_card(work, card)
     return card

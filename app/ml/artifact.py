@@ -14,6 +14,7 @@ The card's `weights_sha256` (and the OOD file's `ood.sha256`) is checked before 
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from app.errors import ModelIntegrityError
 
@@ -26,17 +27,18 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def read_card(model_dir: Path) -> dict:
+def read_card(model_dir: Path) -> dict[str, Any]:
     card_path = Path(model_dir) / CARD_FILE
     if not card_path.is_file():
         raise ModelIntegrityError(f"no {CARD_FILE} in model directory {model_dir}")
     try:
-        return json.loads(card_path.read_text())
+        card: dict[str, Any] = json.loads(card_path.read_text())
+        return card
     except json.JSONDecodeError as exc:
         raise ModelIntegrityError(f"{card_path} is not valid JSON: {exc}") from exc
 
 
-def write_card(model_dir: Path, card: dict) -> None:
+def write_card(model_dir: Path, card: dict[str, Any]) -> None:
     (Path(model_dir) / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -56,12 +58,12 @@ def verified_file(model_dir: Path, name: str, expected: str | None, what: str) -
     return path
 
 
-def verified_weights_path(model_dir: Path, card: dict) -> Path:
+def verified_weights_path(model_dir: Path, card: dict[str, Any]) -> Path:
     """The weights file, after checking it against the card's SHA-256."""
     return verified_file(model_dir, card.get("weights_file", WEIGHTS_FILE), card.get("weights_sha256"), "weights file")
 
 
-def verified_ood_path(model_dir: Path, card: dict) -> Path | None:
+def verified_ood_path(model_dir: Path, card: dict[str, Any]) -> Path | None:
     """The out-of-distribution model named in the card's "ood" section, checked; None when the card has none."""
     section = card.get("ood")
     if not section:

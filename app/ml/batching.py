@@ -31,7 +31,7 @@ class BatcherStopped(RuntimeError):
 @dataclass
 class _Job:
     image: Any
-    future: Future = field(default_factory=Future)
+    future: "Future[Any]" = field(default_factory=Future)
 
 
 class DynamicBatcher:
@@ -58,7 +58,7 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, image: Any) -> Future:
+    def submit(self, image: Any) -> "Future[Any]":
         """Queue one image; the future resolves to its result or raises its own error."""
         job = _Job(image)
         with self._lock:

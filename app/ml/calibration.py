@@ -3,15 +3,13 @@
 Temperature scaling (Guo et al., 2017) divides the log-probabilities by one scalar T fitted to
 minimise the validation negative log-likelihood. It leaves every argmax unchanged (accuracy is
 the same) and only makes the probabilities mean what they say.
+
+Only NumPy at import: the server imports this module to apply a temperature, and SciPy and
+scikit-learn are loaded by the functions that fit (evaluation, adaptation). The reliability diagram
+lives in `calibration_plots`, so nothing here pulls in matplotlib.
 """
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.optimize import minimize_scalar  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import numpy as np
 
 _EPS = 1e-12
 
@@ -20,8 +18,9 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log(p) / T), row by row."""
     logits = np.log(np.clip(probs, _EPS, 1.0)) / temperature
     logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return scaled / scaled.sum(axis=1, keepdims=True)
+    scaled: np.ndarray = np.exp(logits)
+    result: np.ndarray = scaled / scaled.sum(axis=1, keepdims=True)
+    return result
 
 
 def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -30,6 +29,8 @@ def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     """The T in [0.05, 20] that minimises the NLL of the scaled probabilities."""
+    from scipy.optimize import minimize_scalar
+
     result = minimize_scalar(
         lambda log_t: negative_log_likelihood(apply_temperature(probs, float(np.exp(log_t))), labels),
         bounds=(np.log(0.05), np.log(20.0)),
@@ -58,36 +59,13 @@ def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
 
 
-def reliability_diagram(before: np.ndarray, after: np.ndarray, labels: np.ndarray, path, bins: int = 10) -> None:
-    """Accuracy against confidence per bin, before and after temperature scaling."""
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    edges = np.linspace(0, 1, bins + 1)
-    for probs, name in ((before, "before"), (after, "after")):
-        confidence = probs.max(axis=1)
-        correct = probs.argmax(axis=1) == labels
-        which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-        xs, ys = [], []
-        for b in range(bins):
-            if (which == b).any():
-                xs.append(confidence[which == b].mean())
-                ys.append(correct[which == b].mean())
-        ece = expected_calibration_error(probs, labels, bins)
-        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})")
-    ax.set_xlabel("confidence (top class probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Reliability diagram")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def choose_abnormal_threshold(p_abnormal: np.ndarray, is_abnormal: np.ndarray, min_sensitivity: float) -> float:
     """The highest P(abnormal) threshold whose sensitivity still reaches min_sensitivity.
 
     Highest, because among thresholds that miss few abnormal cells it flags the fewest normal ones.
     """
+    from sklearn.metrics import roc_curve
+
     _, tpr, thresholds = roc_curve(is_abnormal.astype(int), p_abnormal, drop_intermediate=False)
     ok = np.flatnonzero(tpr >= min_sensitivity)
     return float(min(1.0, thresholds[ok[0]]))

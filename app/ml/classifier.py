@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -11,7 +12,7 @@ from app.errors import ModelIntegrityError
 from app.ml.artifact import read_card, verified_ood_path, verified_weights_path
 from app.ml.calibration import apply_temperature
 from app.ml.classes import ABNORMAL_CLASSES, CLASS_NAMES
-from app.ml.inference import Predictor
+from app.ml.inference import Predictor, build_in_precision, release_free_memory, resolve_precision
 from app.ml.input_checks import as_sent, input_flags
 from app.ml.model import build_model, load_weights
 from app.ml.ood import FeatureDistance
@@ -38,7 +39,7 @@ class Prediction:
 class Classifier:
     """A loaded, verified model: images in, per-class probabilities out."""
 
-    def __init__(self, model_dir: Path, card: dict, predictor: Predictor, ood: FeatureDistance | None = None):
+    def __init__(self, model_dir: Path, card: dict[str, Any], predictor: Predictor, ood: FeatureDistance | None = None):
         self.model_dir = Path(model_dir)
         self.card = card
         self.predictor = predictor
@@ -56,32 +57,48 @@ class Classifier:
         self.abnormal_threshold: float = float((card.get("abnormal_threshold") or {}).get("value", 0.5))
 
     @classmethod
-    def load(cls, model_dir: Path | str, batch_size: int = 32, with_ood: bool = True) -> "Classifier":
+    def load(
+        cls,
+        model_dir: Path | str,
+        batch_size: int = 32,
+        with_ood: bool = True,
+        precision: str | None = None,
+        max_images_per_pass: int | None = None,
+    ) -> "Classifier":
         """Read the card, check the weights' SHA-256, build the network and load the weights.
 
-        with_ood=False skips the card's OOD model (for refitting it).
+        with_ood=False skips the card's OOD model (for refitting it). precision: "auto", "float32" or
+        "bfloat16" (default: $PAPCAD_INFERENCE_PRECISION, else auto); max_images_per_pass bounds the
+        network inputs (cells x TTA views) of one forward call (default: $PAPCAD_INFERENCE_MAX_IMAGES_PER_PASS).
 
         Raises ModelIntegrityError for anything wrong with the directory, never a bare KeyError.
         """
         model_dir = Path(model_dir)
+        chosen = resolve_precision(precision)  # a bad setting is the operator's error, not the model's
         card = read_card(model_dir)
         weights_path = verified_weights_path(model_dir, card)
         try:
             if tuple(card["class_names"]) != CLASS_NAMES:
                 raise ValueError(f"unexpected classes {card['class_names']}")
             spec = InputSpec.from_dict(card["input"])
-            model = build_model(
-                spec.size,
-                num_classes=len(CLASS_NAMES),
-                dropout=card["recipe"]["dropout"],
-                normalization=card["input"].get("normalization", "caffe"),
+            model = build_in_precision(
+                lambda: build_model(
+                    spec.size,
+                    num_classes=len(CLASS_NAMES),
+                    dropout=card["recipe"]["dropout"],
+                    normalization=card["input"].get("normalization", "caffe"),
+                ),
+                chosen,
             )
             load_weights(model, weights_path)
-            predictor = Predictor(model, tta=card.get("tta", "none"), batch_size=batch_size)
+            predictor = Predictor(
+                model, card.get("tta", "none"), batch_size, max_images=max_images_per_pass, precision=chosen
+            )
             ood_path = verified_ood_path(model_dir, card) if with_ood else None
             ood = FeatureDistance.load(ood_path) if ood_path else None
             if ood is not None and ood.precision.shape[0] != predictor.model.get_layer("gap").output.shape[-1]:
                 raise ValueError("the OOD model's feature size does not match the network")
+            release_free_memory()
             return cls(model_dir, card, predictor, ood)
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise ModelIntegrityError(f"model directory {model_dir} is not usable: {exc!r}") from exc

@@ -3,31 +3,118 @@
 1. Rebuild the grouped split from the card's seed (the data must be the very data trained on).
 2. Predict validation and test images with the stored model exactly as the server loads it.
 3. Fit the temperature and choose the abnormal threshold on validation; report both on test.
-4. Write metrics JSON, plots, and the card's summary.
+4. Measure what each number of test-time views buys ("tta_choice": accuracy, ROC AUC and cost of
+   none / flips4 / dihedral8), from one pass over all eight views.
+5. Write metrics JSON, plots, and the card's summary.
+
+The network runs in float32 here whatever the CPU offers, so a card's numbers do not depend on the
+machine that evaluated it.
 """
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from app.errors import DatasetError
 from app.ml import calibration as cal
 from app.ml.artifact import read_card, write_card
+from app.ml.calibration_plots import reliability_diagram
 from app.ml.classifier import Classifier
 from app.ml.data import Dataset, fixed_split, load_arrays
-from app.ml.evaluation import ABNORMAL_MASK, plot_history, write_report
+from app.ml.evaluation import ABNORMAL_MASK, compute_metrics, plot_history, write_report
+from app.ml.inference import TTA, VIEW_INDICES, Predictor
 
 # Missed abnormal cells are the costly error: the default cut-off keeps validation sensitivity here.
 TARGET_SENSITIVITY = 0.95
 
 
-def _raw_probabilities(classifier: Classifier, dataset: Dataset, indices: np.ndarray):
+# A setting is recommended when it is the cheapest within these margins of the best on validation.
+TTA_ACCURACY_MARGIN = 0.01
+TTA_AUC_MARGIN = 0.005
+TIMED_IMAGES = 32
+
+
+def _per_view(classifier: Classifier, dataset: Dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw probabilities of all eight dihedral views, (8, n, classes), and the labels."""
     x, y = load_arrays(dataset.subset(indices), classifier.spec)
-    return classifier.predictor(x), y
+    return Predictor(classifier.predictor.model, "dihedral8").per_view(x)[0], y
 
 
-def _calibration_summary(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray) -> dict:
+def average_views(per_view: np.ndarray, tta: TTA) -> np.ndarray:
+    """The probabilities a setting yields: the mean over its views, renormalised (as `Predictor` does)."""
+    probs = per_view[list(VIEW_INDICES[tta])].mean(axis=0, dtype=np.float64)
+    result: np.ndarray = probs / probs.sum(axis=1, keepdims=True)
+    return result
+
+
+def _scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    result = compute_metrics(labels, probs)
+    return {"accuracy_7class": result["multiclass"]["accuracy"], "roc_auc": result["binary"]["roc_auc"]}
+
+
+def seconds_per_image(predictor: Predictor, pixels: np.ndarray, repeats: int = 2) -> float:
+    """The best of `repeats` timed runs over pixels, after one untimed run (which compiles)."""
+    predictor(pixels)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor(pixels)
+        best = min(best, time.perf_counter() - start)
+    return best / len(pixels)
+
+
+def tta_choice(
+    classifier: Classifier,
+    validation: tuple[np.ndarray, np.ndarray] | None,
+    test: tuple[np.ndarray, np.ndarray],
+    timing_pixels: np.ndarray,
+) -> dict[str, Any]:
+    """What each test-time augmentation setting buys and costs, for the card's "tta_choice" section.
+
+    validation, test: (per-view raw probabilities (8, n, classes), labels). Accuracy and ROC AUC are of the
+    uncalibrated probabilities (a temperature leaves the accuracy unchanged). The cost is measured on
+    timing_pixels with this machine's network, relative to a single view.
+    """
+    settings: dict[str, dict[str, Any]] = {}
+    for tta in VIEW_INDICES:
+        seconds = seconds_per_image(Predictor(classifier.predictor.model, tta), timing_pixels)
+        settings[tta] = {
+            "views": len(VIEW_INDICES[tta]),
+            "validation": _scores(validation[1], average_views(validation[0], tta)) if validation else None,
+            "test": _scores(test[1], average_views(test[0], tta)),
+            "ms_per_image": 1000 * seconds,
+        }
+    for row in settings.values():
+        row["relative_cost"] = row["ms_per_image"] / settings["none"]["ms_per_image"]
+    chosen_on = "validation" if validation else "test"
+    # Measured against the setting with the most views, which qualifies by definition.
+    most_views = max(settings, key=lambda tta: settings[tta]["views"])
+    reference = settings[most_views][chosen_on]
+    good = [most_views] + [
+        tta
+        for tta, row in settings.items()
+        if row[chosen_on]["accuracy_7class"] >= reference["accuracy_7class"] - TTA_ACCURACY_MARGIN
+        and (row[chosen_on]["roc_auc"] or 0.0) >= (reference["roc_auc"] or 0.0) - TTA_AUC_MARGIN
+    ]
+    return {
+        "settings": settings,
+        "in_use": classifier.predictor.tta,
+        "recommended": min(good, key=lambda tta: settings[tta]["views"]),
+        "rule": (
+            f"the fewest views whose {chosen_on} 7-class accuracy is within {TTA_ACCURACY_MARGIN:.0%} and ROC AUC "
+            f"within {TTA_AUC_MARGIN} of dihedral8's (all eight views)"
+        ),
+        "probabilities": "uncalibrated (raw network output averaged over the views)",
+        "cost": f"ms per image on {len(timing_pixels)} test images in one batch, float32, on the evaluating machine",
+        "how_to_change": 'set the card\'s "tta", then rerun papcad evaluate and papcad fit-ood (the OOD model is '
+        "fitted on view-averaged features)",
+    }
+
+
+def _calibration_summary(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     return {
         "n": int(len(labels)),
         "ece_before": cal.expected_calibration_error(raw, labels),
@@ -39,7 +126,7 @@ def _calibration_summary(raw: np.ndarray, calibrated: np.ndarray, labels: np.nda
     }
 
 
-def evaluate_model_dir(model_dir: Path, dataset: Dataset) -> dict:
+def evaluate_model_dir(model_dir: Path, dataset: Dataset) -> dict[str, Any]:
     """Score the stored model on its held-out test split, calibrated on validation; update the card."""
     model_dir = Path(model_dir)
     card = read_card(model_dir)
@@ -48,13 +135,18 @@ def evaluate_model_dir(model_dir: Path, dataset: Dataset) -> dict:
             f"{dataset.root} is not the data model {card['version']} was trained on "
             "(fingerprint differs); its test split would not be held out"
         )
-    classifier = Classifier.load(model_dir)
+    classifier = Classifier.load(model_dir, precision="float32")
+    tta = classifier.predictor.tta
     split_info = card["data"]["split"]
     split = fixed_split(dataset, split_info["seed"], val_folds=split_info["val_folds"])
-    raw_test, y_test = _raw_probabilities(classifier, dataset, split.test)
+    views_test, y_test = _per_view(classifier, dataset, split.test)
+    raw_test = average_views(views_test, tta)
+    validation: tuple[np.ndarray, np.ndarray] | None = None
 
     if len(split.val):
-        raw_val, y_val = _raw_probabilities(classifier, dataset, split.val)
+        views_val, y_val = _per_view(classifier, dataset, split.val)
+        validation = (views_val, y_val)
+        raw_val = average_views(views_val, tta)
         temperature = cal.fit_temperature(raw_val, y_val)
         val_cal = cal.apply_temperature(raw_val, temperature)
         p_val, abnormal_val = val_cal[:, ABNORMAL_MASK].sum(axis=1), ABNORMAL_MASK[y_val]
@@ -71,7 +163,7 @@ def evaluate_model_dir(model_dir: Path, dataset: Dataset) -> dict:
 
     test_cal = cal.apply_temperature(raw_test, temperature)
     calibration["test"] = _calibration_summary(raw_test, test_cal, y_test)
-    cal.reliability_diagram(raw_test, test_cal, y_test, model_dir / "test_reliability.png")
+    reliability_diagram(raw_test, test_cal, y_test, model_dir / "test_reliability.png")
     p_test, abnormal_test = test_cal[:, ABNORMAL_MASK].sum(axis=1), ABNORMAL_MASK[y_test]
     test_sens, test_spec = cal.sensitivity_specificity(p_test, abnormal_test, threshold)
 
@@ -79,6 +171,8 @@ def evaluate_model_dir(model_dir: Path, dataset: Dataset) -> dict:
     history = model_dir / "history.json"
     if history.is_file():
         plot_history(json.loads(history.read_text()), model_dir / "training_curves.png")
+    timing_pixels, _ = load_arrays(dataset.subset(split.test[:TIMED_IMAGES]), classifier.spec, progress=False)
+    card["tta_choice"] = tta_choice(classifier, validation, (views_test, y_test), timing_pixels)
     card["calibration"] = calibration
     card["abnormal_threshold"] = {
         "value": threshold,

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,7 +16,7 @@ from app.ml.classes import ABNORMAL_CLASSES, CLASS_NAMES  # noqa: E402
 ABNORMAL_MASK = np.array([name in ABNORMAL_CLASSES for name in CLASS_NAMES])
 
 
-def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """7-class and binary (normal/abnormal) metrics from true labels and class probabilities."""
     predicted = probs.argmax(axis=1)
     indices = list(range(len(CLASS_NAMES)))
@@ -90,7 +91,7 @@ def plot_history(history: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir: Path, labels: np.ndarray, probs: np.ndarray, prefix: str = "test") -> dict:
+def write_report(out_dir: Path, labels: np.ndarray, probs: np.ndarray, prefix: str = "test") -> dict[str, Any]:
     """Compute metrics, write `<prefix>_metrics.json` and the PNG plots, return the metrics."""
     out_dir = Path(out_dir)
     result = compute_metrics(labels, probs)

@@ -7,11 +7,11 @@ The map shows where in the cell the features that raised the chosen class's scor
 import io
 
 import keras
-import matplotlib
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from app.ml.colormap import INFERNO
 from app.ml.preprocessing import InputSpec, decode_image, prepare_image
 
 
@@ -25,13 +25,16 @@ class GradCam:
         head = model.get_layer("head")
         size = model.input_shape[1]
 
-        @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8), tf.TensorSpec([], tf.int32)])
+        @tf.function(  # type: ignore[untyped-decorator]
+            input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8), tf.TensorSpec([], tf.int32)]
+        )
         def cam(pixels: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
-            features = backbone(preprocess(tf.cast(pixels, tf.float32)), training=False)
+            # float32 whatever the network computes in (bfloat16 on CPUs that have it), for a stable gradient.
+            features = tf.cast(backbone(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
             with tf.GradientTape() as tape:
                 tape.watch(features)
                 # The class score before softmax, as Grad-CAM prescribes.
-                logits = tf.matmul(gap(features), head.kernel) + head.bias
+                logits = tf.matmul(tf.cast(gap(features), tf.float32), head.kernel) + head.bias
                 score = logits[0, class_index]
             grads = tape.gradient(score, features)[0]
             weights = tf.reduce_mean(grads, axis=(0, 1))
@@ -42,13 +45,13 @@ class GradCam:
 
     def heatmap(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
         """Prepared uint8 pixels (size, size, 3) -> float map in [0, 1] at the last block's resolution."""
-        return self._cam(tf.constant(pixels[None]), tf.constant(class_index, tf.int32)).numpy()
+        heat: np.ndarray = self._cam(tf.constant(pixels[None]), tf.constant(class_index, tf.int32)).numpy()
+        return heat
 
 
 # The overlay PNG is drawn at most this many pixels on its longest side, in the image's aspect:
 # the page scales it over the image, and memory stays bounded whatever the upload's size.
 MAX_OVERLAY_SIDE = 1024
-INFERNO = (matplotlib.colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
 def overlay_size(size: tuple[int, int], max_side: int = MAX_OVERLAY_SIDE) -> tuple[int, int]:
@@ -81,11 +84,16 @@ def heatmap_on_image(
 def heatmap_png(cam: GradCam, data: bytes | Image.Image, spec: InputSpec, class_index: int) -> bytes:
     """A colour PNG (inferno) of the Grad-CAM map, in the image's aspect, at most MAX_OVERLAY_SIDE px a side.
 
-    Grad-CAM runs at the network's resolution and the map is upsampled only to the overlay's size,
-    so a large upload costs its decoded pixels and no more.
+    Grad-CAM runs at the network's resolution and the map is upsampled only to the overlay's size.
+    A large upload is shrunk once, right after decoding, to the larger of the overlay and the
+    network's working field, so what is held after that is bounded whatever the upload's size.
     """
     image = decode_image(data)
-    heat = heatmap_on_image(cam.heatmap(prepare_image(image, spec), class_index), image, spec, overlay_size(image.size))
+    out_size = overlay_size(image.size)
+    working = max(MAX_OVERLAY_SIDE, spec.canvas, spec.size)
+    if max(image.size) > working:
+        image.thumbnail((working, working), Image.Resampling.BILINEAR)
+    heat = heatmap_on_image(cam.heatmap(prepare_image(image, spec), class_index), image, spec, out_size)
     colours = INFERNO[np.round(heat * 255).astype(np.uint8)]
     buffer = io.BytesIO()
     Image.fromarray(colours).save(buffer, format="PNG")

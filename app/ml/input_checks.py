@@ -7,6 +7,7 @@ None of them refuses the image; each one sends the cell to a person.
 """
 
 import io
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageStat
@@ -70,7 +71,7 @@ def mode_flags(image: Image.Image) -> list[str]:
         flags = []
     if mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         alpha = image.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
+        if cast(tuple[int, int], alpha.getextrema())[0] < 255:  # one 8-bit band: (min, max)
             flags.append("transparent pixels (alpha channel)")
     return flags
 

@@ -9,7 +9,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 # Keep TensorFlow's C++ start-up chatter out of CLI output and server logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -38,8 +38,9 @@ class BackboneWeights:
     path: Path | None = None
     md5: str = IMAGENET_NOTOP_MD5
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         if self.source == "file":
+            assert self.path is not None, "a backbone file needs its path"
             return {"source": "file", "file": Path(self.path).name, "md5": self.md5}
         return {"source": self.source}
 
@@ -67,27 +68,27 @@ Normalization = Literal["caffe", "unit"]
 
 
 @keras.saving.register_keras_serializable(package="papcad")
-class PixelNormalization(keras.layers.Layer):
+class PixelNormalization(keras.layers.Layer):  # type: ignore[misc]  # Keras ships no types
     """Input normalisation in the graph, so every caller feeds the same plain 0-255 RGB pixels.
 
     caffe: ResNet50's own (RGB->BGR, subtract the ImageNet means), required for ImageNet weights.
     unit:  scale to [-1, 1], a better-conditioned start for a network trained from scratch.
     """
 
-    def __init__(self, mode: Normalization = "caffe", **kwargs):
+    def __init__(self, mode: Normalization = "caffe", **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if mode not in ("caffe", "unit"):
             raise ValueError(f"unknown normalisation {mode!r}")
         self.mode = mode
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> Any:
         x = keras.ops.cast(inputs, self.compute_dtype)
         if self.mode == "unit":
             return x / 127.5 - 1.0
         return keras.ops.flip(x, axis=-1) - keras.ops.convert_to_tensor(_BGR_MEANS, dtype=self.compute_dtype)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "mode": self.mode}
 
 
@@ -97,6 +98,7 @@ def build_backbone(image_size: int, weights: BackboneWeights) -> keras.Model:
         return keras.applications.ResNet50(include_top=False, weights="imagenet", input_shape=shape)
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=shape)
     if weights.source == "file":
+        assert weights.path is not None, "a backbone file needs its path"
         verify_md5(weights.path, weights.md5)
         backbone.load_weights(str(weights.path))
     elif weights.source != "none":
@@ -136,7 +138,7 @@ def count_params(model: keras.Model) -> tuple[int, int]:
 
 def save_weights(model: keras.Model, path: Path) -> None:
     """Store every variable as float16, keyed by its path: half the size of float32, same calls."""
-    arrays = {v.path: np.asarray(v.numpy(), dtype=np.float16) for v in model.weights}
+    arrays: dict[str, Any] = {v.path: np.asarray(v.numpy(), dtype=np.float16) for v in model.weights}
     with open(path, "wb") as handle:
         np.savez_compressed(handle, **arrays)
 

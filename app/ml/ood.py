@@ -54,7 +54,8 @@ class FeatureDistance:
             - 2.0 * fp @ means.T
             + np.einsum("kd,kd->k", means @ precision, means)[None, :]
         )
-        return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+        distances: np.ndarray = np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+        return distances
 
     def with_cutoff(self, validation_features: np.ndarray, keep: float = KEEP_IN_DISTRIBUTION) -> "FeatureDistance":
         """The same model with its cut-off at the `keep` quantile of the validation cells' distances."""

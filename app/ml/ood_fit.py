@@ -10,6 +10,7 @@
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,7 +28,7 @@ CHUNK = 64
 FLAGGED_SCORE = 1e9
 
 
-def check_dataset(card: dict, dataset: Dataset) -> None:
+def check_dataset(card: dict[str, Any], dataset: Dataset) -> None:
     if dataset.fingerprint() != card["data"]["fingerprint_sha256"]:
         raise DatasetError(
             f"{dataset.root} is not the data model {card['version']} was trained on "
@@ -66,7 +67,7 @@ def ood_report(
     test_features: np.ndarray,
     test_flags: list[list[str]],
     outside: dict[str, tuple[np.ndarray, list[list[str]]]],
-) -> dict:
+) -> dict[str, Any]:
     """Per-set and overall AUROC (score alone, and with the input checks) and detection rates at the cut-off."""
 
     def combined(scores: np.ndarray, flags: list[list[str]]) -> np.ndarray:
@@ -102,7 +103,7 @@ def ood_report(
     }
 
 
-def fit_ood_model_dir(model_dir: Path, dataset: Dataset, limit: int | None = None) -> dict:
+def fit_ood_model_dir(model_dir: Path, dataset: Dataset, limit: int | None = None) -> dict[str, Any]:
     """Fit, measure and store the OOD model; returns the card's new "ood" section.
 
     limit: use at most this many images of each split and set (for quick checks; the stored numbers say so).
@@ -133,7 +134,7 @@ def fit_ood_model_dir(model_dir: Path, dataset: Dataset, limit: int | None = Non
 
     path = model_dir / OOD_FILE
     distance.save(path)
-    section = {
+    section: dict[str, Any] = {
         "file": OOD_FILE,
         "sha256": sha256_file(path),
         "method": METHOD,
@@ -157,3 +158,59 @@ def fit_ood_model_dir(model_dir: Path, dataset: Dataset, limit: int | None = Non
     card["ood"] = section
     write_card(model_dir, card)
     return section
+
+
+def every_kth(n: int, limit: int) -> np.ndarray:
+    """At most `limit` of n indices, evenly spaced (data held class by class keeps every class)."""
+    return np.arange(n)[:: max(1, -(-n // limit))][:limit]
+
+
+def fit_from_pixels(
+    classifier: Classifier,
+    model_dir: Path,
+    train: tuple[np.ndarray, np.ndarray],
+    val_pixels: np.ndarray,
+    test: tuple[np.ndarray, list[list[str]]],
+    crops: Sequence[Image.Image],
+    described: dict[str, str],
+    set_size: int = OOD_SET_SIZE,
+) -> dict[str, Any]:
+    """The OOD model of a network fitted on prepared pixel arrays (training pixels and labels, validation pixels
+    for the cut-off), measured on test features against the non-cell sets; writes ood.npz and returns the card's
+    "ood" section (the caller writes the card). For a model whose data is not a dataset folder: an adapted one.
+
+    test: features of the test cells (the caller has them from its own forward pass) and their input flags.
+    described: "fitted_on", "chosen_on", "test_split" and "command" texts for the section.
+    """
+
+    def features(pixels: np.ndarray, desc: str) -> np.ndarray:
+        chunks = [classifier.predict_pixels_with_features(pixels[i : i + CHUNK])[1] for i in
+                  tqdm(range(0, len(pixels), CHUNK), desc=desc, unit="chunk")]  # fmt: skip
+        return np.concatenate(chunks)
+
+    (train_pixels, train_labels), (test_features, test_flags) = train, test
+    distance = FeatureDistance.fit(features(train_pixels, "typical-cell model: training features"), train_labels)
+    distance = distance.with_cutoff(features(val_pixels, "typical-cell model: validation features"))
+    outside = {name: analyse_images(classifier, images, name) for name, images in ood_sets(crops, n=set_size).items()}
+    report = ood_report(distance, test_features, test_flags, outside)
+    path = Path(model_dir) / OOD_FILE
+    distance.save(path)
+    return {
+        "file": OOD_FILE,
+        "sha256": sha256_file(path),
+        "method": METHOD,
+        "features": "GlobalAveragePooling output (2048), mean over the test-time augmentation views",
+        "fitted_on": {"split": described["fitted_on"], "n": int(len(train_labels))},
+        "cutoff": {
+            "distance": distance.cutoff,
+            "chosen_on": described["chosen_on"],
+            "keep_in_distribution": KEEP_IN_DISTRIBUTION,
+            "n": int(len(val_pixels)),
+        },
+        "score": "distance / cut-off distance: <= 1 in distribution, > 1 not a typical cell",
+        "input_checks": (
+            "app.ml.input_checks (size, flatness, exposure, bit depth, palette, transparency, aspect ratio)"
+        ),
+        "evaluation": {"split": described["test_split"], "n": int(len(test_features)), "set_size": set_size, **report},
+        "command": described["command"],
+    }

@@ -58,7 +58,8 @@ _PHOTOS: list[np.ndarray] = []
 def _photos() -> list[np.ndarray]:
     """Colour photographs that ship inside scikit-image (no download)."""
     if not _PHOTOS:
-        _PHOTOS.extend(np.asarray(f()) for f in (skdata.astronaut, skdata.coffee, skdata.chelsea, skdata.rocket))
+        loaders: tuple[Callable[[], np.ndarray], ...] = (skdata.astronaut, skdata.coffee, skdata.chelsea, skdata.rocket)
+        _PHOTOS.extend(np.asarray(load()) for load in loaders)
     return _PHOTOS
 
 

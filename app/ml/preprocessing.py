@@ -7,7 +7,7 @@ pixel normalisation (see `model.py`), so what leaves this module is plain RGB pi
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -34,39 +34,45 @@ class InputSpec:
     fit: FitMode = "resize"
     canvas: int = 256
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"size": self.size, "fit": self.fit, "canvas": self.canvas}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "InputSpec":
+    def from_dict(cls, data: dict[str, Any]) -> "InputSpec":
         return cls(size=int(data["size"]), fit=data["fit"], canvas=int(data.get("canvas", 256)))
 
 
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode and fully load an image, upright, in the mode it was sent in (input checks look at the mode);
+    InvalidImageError with a clear reason for an empty, unknown, damaged, truncated or over-large file."""
+    if not data:
+        raise InvalidImageError("the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidImageError(f"the image is {width}x{height} pixels; at most {max_pixels:,} are accepted")
+            image.load()
+    except InvalidImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImageError(f"the image has too many pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError("the file is not an image PapCAD can read (use BMP, PNG, JPEG or TIFF)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImageError(f"the image is damaged or truncated ({exc})") from exc
+    if image.width < 1 or image.height < 1:
+        raise InvalidImageError("the image has no pixels")
+    upright = _upright(image)
+    upright.format = image.format  # exif_transpose returns a copy without the file's format
+    return upright
+
+
 def decode_image(data: bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode and fully load an image as RGB, or raise InvalidImageError with a clear reason."""
-    if isinstance(data, Image.Image):
-        image = data
-    else:
-        if not data:
-            raise InvalidImageError("the file is empty")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise InvalidImageError(
-                        f"the image is {width}x{height} pixels; at most {max_pixels:,} are accepted"
-                    )
-                image.load()
-        except InvalidImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InvalidImageError(f"the image has too many pixels ({exc})") from exc
-        except UnidentifiedImageError as exc:
-            raise InvalidImageError("the file is not an image PapCAD can read (use BMP, PNG, JPEG or TIFF)") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise InvalidImageError(f"the image is damaged or truncated ({exc})") from exc
+    """Decode (or take an already opened image) as upright RGB, or raise InvalidImageError."""
+    image = data if isinstance(data, Image.Image) else open_image(data, max_pixels)
     if image.width < 1 or image.height < 1:
         raise InvalidImageError("the image has no pixels")
     return _upright(image).convert("RGB")
@@ -86,7 +92,8 @@ def _upright(image: Image.Image) -> Image.Image:
 def _border_colour(pixels: np.ndarray) -> tuple[int, int, int]:
     """Median colour of the crop's outer ring: the slide background around the cell."""
     ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    return tuple(int(v) for v in np.median(ring, axis=0))
+    red, green, blue = (int(v) for v in np.median(ring, axis=0))
+    return red, green, blue
 
 
 def prepare_image(data: bytes | Image.Image, spec: InputSpec) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Training recipes: the published method, and the default model our offline machines can train."""
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from app.ml.inference import TTA
 from app.ml.model import BackboneWeights, Normalization
@@ -18,7 +18,7 @@ class Recipe:
     optimizer: Literal["adam", "adamw"]
     learning_rate: float
     schedule: Literal["constant", "cosine"]
-    augmentation: Literal["published", "cell"]
+    augmentation: Literal["published", "cell", "robust"]
     dropout: float = 0.5
     normalization: Normalization = "caffe"
     batch_size: int = 32
@@ -28,18 +28,20 @@ class Recipe:
     mixed_precision: bool = False
     tta: TTA = "none"
     seed: int = 1234
+    # Start from a trained model's weights (same input and split) instead of backbone.source.
+    init_from: str | None = None
     # val_folds=0: no separate validation split; the held-out 20 % is watched during
     # training, as in the published 80/20 method. Otherwise 1/val_folds of the training part.
     val_folds: int = 8
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["input"] = self.input.to_dict()
         data["backbone"] = self.backbone.describe()
         return data
 
-    def with_overrides(self, **changes) -> "Recipe":
+    def with_overrides(self, **changes: Any) -> "Recipe":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -76,4 +78,17 @@ DEFAULT = Recipe(
     notes=["Whole ResNet50 trained from random initialisation (no internet for ImageNet weights)."],
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (DEFAULT, PUBLISHED)}
+ROBUST = replace(
+    DEFAULT,
+    name="robust",
+    epochs=40,
+    learning_rate=1e-4,
+    warmup_epochs=2,
+    augmentation="robust",
+    notes=[
+        "Continues from a trained default model (--init-from) under stain, colour, framing and optics "
+        "augmentation (app.ml.augment), so the invariances do not cost what they cost from scratch.",
+    ],
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (DEFAULT, PUBLISHED, ROBUST)}

@@ -8,6 +8,7 @@ pass (with test-time augmentation) as serving.
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -30,7 +31,9 @@ SPLITS = ("test", "validation")
 METRICS = ("accuracy_7class", "roc_auc", "sensitivity", "specificity", "in_distribution")
 
 
-def shift_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float, ood_scores: np.ndarray | None) -> dict:
+def shift_metrics(
+    labels: np.ndarray, probs: np.ndarray, threshold: float, ood_scores: np.ndarray | None
+) -> dict[str, Any]:
     """7-class accuracy, binary ROC AUC, and sensitivity/specificity of P(abnormal) >= threshold."""
     truth = ABNORMAL_MASK[labels].astype(int)
     p_abnormal = probs[:, ABNORMAL_MASK].sum(axis=1)
@@ -47,7 +50,7 @@ def shift_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float, ood_s
 
 def run_shifts(
     classifier: Classifier, images: list[Image.Image], labels: np.ndarray, shifts: list[Shift], threshold: float
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """One row per shift (the first must be "none"), with deltas against it."""
     rows = []
     for shift in tqdm(shifts, desc="shifts", unit="shift"):
@@ -64,7 +67,7 @@ def run_shifts(
     return rows
 
 
-def plot_robustness(rows: list[dict], path: Path, title: str) -> None:
+def plot_robustness(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Grouped bars per shift: ROC AUC and sensitivity at the cut-off (and 7-class accuracy)."""
     names = [r["shift"] for r in rows]
     x = np.arange(len(rows))
@@ -87,11 +90,11 @@ def plot_robustness(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    def pct(v):
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    def pct(v: float | None) -> str:
         return "–" if v is None else f"{v * 100:.1f} %"
 
-    def delta(v, scale=100.0, fmt="{:+.1f}"):
+    def delta(v: float | None, scale: float = 100.0, fmt: str = "{:+.1f}") -> str:
         return "" if v is None else " (" + fmt.format(v * scale) + ")"
 
     head = (
@@ -113,7 +116,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def robustness_model_dir(
     model_dir: Path, dataset: Dataset, split: str = "test", out: Path | None = None, limit: int | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Run the suite on the card's grouped split; write JSON, the plot, and (test split) the card's summary."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")

@@ -9,6 +9,7 @@ import io
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -21,7 +22,7 @@ SEED = 1234
 class Shift:
     name: str
     apply: Callable[[Image.Image], Image.Image] = field(compare=False, repr=False)
-    params: dict = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -37,7 +38,8 @@ def border_colour(image: Image.Image) -> tuple[int, int, int]:
     """Median colour of the crop's outer ring: the slide background around the cell."""
     pixels = np.asarray(image.convert("RGB"))
     ring = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    return tuple(int(v) for v in np.median(ring, axis=0))
+    red, green, blue = (int(v) for v in np.median(ring, axis=0))
+    return red, green, blue
 
 
 # --- colour -----------------------------------------------------------------------------------------------------
@@ -135,7 +137,9 @@ def central_crop(fraction: float) -> Callable[[Image.Image], Image.Image]:
     return apply
 
 
-def on_slide_field(pool: Sequence[Image.Image], factor: float = 1.6, pieces: int = 4, seed: int = SEED):
+def on_slide_field(
+    pool: Sequence[Image.Image], factor: float = 1.6, pieces: int = 4, seed: int = SEED
+) -> Callable[[Image.Image], Image.Image]:
     """The cell centred on a field `factor` times larger, of slide background with parts of other cells.
 
     pool: other crops of the same split; each piece is a corner of one of them, placed at the field's edge

@@ -5,19 +5,22 @@ split (by group) -> load pixels -> augment -> fit -> save float16 weights + card
 
 import contextlib
 import json
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from app.ml import augment
 from app.ml.artifact import WEIGHTS_FILE, sha256_file, write_card
 from app.ml.classes import ABNORMAL_CLASSES, BETHESDA_HINT, CLASS_NAMES, NORMAL_CLASSES
 from app.ml.data import Dataset, fixed_split, grouped_folds, load_arrays
 from app.ml.evaluation import compute_metrics, plot_history
 from app.ml.inference import Predictor
-from app.ml.model import build_model, count_params, save_weights
+from app.ml.model import build_model, count_params, load_weights, save_weights
 from app.ml.recipes import Recipe
 
 
@@ -44,15 +47,23 @@ def augmentation(kind: str) -> keras.Sequential:
     return keras.Sequential(layers, name=f"{kind}_augmentation")
 
 
+def augmenter(kind: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The recipe's augmentation as one batch function (pixels RGB 0-255 in, float32 out)."""
+    if kind == "robust":
+        return augment.robust
+    layers = augmentation(kind)
+    return lambda images: layers(tf.cast(images, tf.float32), training=True)
+
+
 def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe) -> tf.data.Dataset:
-    augment = augmentation(recipe.augmentation)
+    augment_batch = augmenter(recipe.augmentation)
     onehot = keras.utils.to_categorical(y, len(CLASS_NAMES))
     return (
         tf.data.Dataset.from_tensor_slices((x, onehot))
         .shuffle(len(x), seed=recipe.seed, reshuffle_each_iteration=True)
         .batch(recipe.batch_size)
         .map(
-            lambda images, labels: (augment(tf.cast(images, tf.float32), training=True), labels),
+            lambda images, labels: (augment_batch(images), labels),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         .prefetch(tf.data.AUTOTUNE)
@@ -74,7 +85,7 @@ def optimizer(recipe: Recipe, steps_per_epoch: int) -> keras.optimizers.Optimize
 
 
 @contextlib.contextmanager
-def dtype_policy(name: str):
+def dtype_policy(name: str) -> Iterator[None]:
     """Build layers under a dtype policy without leaking it to later code (e.g. serving)."""
     previous = keras.config.dtype_policy().name
     keras.config.set_dtype_policy(name)
@@ -102,6 +113,8 @@ def fit(
             dropout=recipe.dropout,
             normalization=recipe.normalization,
         )
+    if recipe.init_from is not None:
+        load_weights(model, Path(recipe.init_from) / WEIGHTS_FILE)
     steps = int(np.ceil(len(x_train) / recipe.batch_size))
     model.compile(
         optimizer=optimizer(recipe, steps),
@@ -116,12 +129,13 @@ def fit(
         training_dataset(x_train, y_train, recipe),
         validation_data=val_data,
         epochs=recipe.epochs,
+        shuffle=False,  # the tf.data pipeline shuffles
         verbose=verbose,
     )
     return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
 
-def train(dataset: Dataset, recipe: Recipe, out_dir: Path, version: str) -> dict:
+def train(dataset: Dataset, recipe: Recipe, out_dir: Path, version: str) -> dict[str, Any]:
     """Train on the fixed grouped split and write the model directory; returns the model card."""
     from app.ml.evaluate import evaluate_model_dir  # evaluation reloads what was written
 
@@ -187,7 +201,7 @@ def train(dataset: Dataset, recipe: Recipe, out_dir: Path, version: str) -> dict
     return evaluate_model_dir(out_dir, dataset)
 
 
-def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> dict:
+def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> dict[str, Any]:
     """Grouped, stratified k-fold CV: train on k-1 folds, score the held-out fold, k times."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,13 +213,14 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
         probs = Predictor(model, tta=recipe.tta)(x[test_idx])
         folds.append(compute_metrics(y[test_idx], probs))
     summary = {}
-    for name, pick in {
+    picks: dict[str, Callable[[dict[str, Any]], float]] = {
         "accuracy_7class": lambda m: m["multiclass"]["accuracy"],
         "macro_f1": lambda m: m["multiclass"]["macro_f1"],
         "binary_accuracy": lambda m: m["binary"]["accuracy"],
         "binary_roc_auc": lambda m: m["binary"]["roc_auc"],
-    }.items():
-        values = np.array([pick(m) for m in folds], dtype=float)
+    }
+    for name, pick in picks.items():
+        values = np.array([pick(m) for m in folds], dtype=np.float64)
         summary[name] = {"mean": float(values.mean()), "std": float(values.std()), "folds": values.tolist()}
     result = {"k": k, "recipe": recipe.to_dict(), "summary": summary, "folds": folds}
     (out_dir / "cv_metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -5,12 +5,13 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import ApiClient, LoginFailure, User, utcnow
+from app.domain import ActorKind
 from app.errors import AuthenticationError, ConflictError, InputError, NotFoundError, PapcadError, PermissionDeniedError
 from app.roles import Role
 from app.security import (
@@ -23,9 +24,7 @@ from app.security import (
     verify_password,
 )
 from app.services import audit, web_sessions
-from app.services.actors import SYSTEM, Actor
-
-ANONYMOUS = Actor("anonymous", None, "?")
+from app.services.actors import ANONYMOUS, SYSTEM, Actor
 
 
 class SignInThrottledError(PapcadError):
@@ -82,6 +81,7 @@ def create_user(session: Session, actor: Actor, username: str, password: str, ro
     except IntegrityError as exc:
         raise ConflictError(f"user {username!r} already exists") from exc
     audit.record(session, actor, "user.create", "user", user.id, username=username, role=role)
+    session.commit()
     return user
 
 
@@ -106,7 +106,7 @@ def sign_in(
         _retry_after(session, LoginFailure.address == address, throttle.max_per_address, throttle.window, now),
     )
     if wait:
-        actor = Actor("user", None, username)
+        actor = Actor(ActorKind.USER, None, username)
         audit.record(session, actor, "login.throttled", "user", None, address=address, retry_after=wait)
         session.commit()
         raise SignInThrottledError(wait)
@@ -116,8 +116,8 @@ def sign_in(
         ok = False
     else:
         ok = verify_password(user.password_hash, password)
-    actor = Actor("user", user.id if user else None, username)
-    if not ok:
+    actor = Actor(ActorKind.USER, user.id if user else None, username)
+    if not ok or user is None:  # never ok without a user
         session.execute(delete(LoginFailure).where(LoginFailure.at < now - throttle.window))
         session.add(LoginFailure(at=now, username=username, address=address[:64]))
         audit.record(session, actor, "login.failure", "user", user.id if user else None, address=address)
@@ -130,7 +130,7 @@ def sign_in(
     return user, token
 
 
-def _retry_after(session: Session, matches, limit: int, window: timedelta, now: datetime) -> int:
+def _retry_after(session: Session, matches: ColumnElement[bool], limit: int, window: timedelta, now: datetime) -> int:
     """Seconds until fewer than `limit` failures matching remain in the window (0: not throttled)."""
     query = (
         select(LoginFailure.at)
@@ -149,13 +149,14 @@ def set_user_active(session: Session, actor: Actor, username: str, active: bool)
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
         raise NotFoundError(f"no user named {username!r}")
-    if actor.kind == "user" and actor.id == user.id and not active:
+    if actor.kind == ActorKind.USER and actor.id == user.id and not active:
         raise InputError("you cannot deactivate your own account")
     if user.active != active:
         user.active = active
         ended = 0 if active else web_sessions.revoke_all(session, user.id)
         action = "user.activate" if active else "user.deactivate"
         audit.record(session, actor, action, "user", user.id, sessions_ended=ended)
+        session.commit()
     return user
 
 
@@ -169,13 +170,14 @@ def set_password(session: Session, actor: Actor, username: str, password: str) -
     user.password_hash = hash_password(password)
     ended = web_sessions.revoke_all(session, user.id)
     audit.record(session, actor, "user.password", "user", user.id, sessions_ended=ended)
+    session.commit()
     return user
 
 
 def change_own_password(session: Session, actor: Actor, current: str, new: str) -> User:
     """A signed-in person changes their own password: the current one first. Every session of theirs
     ends, this one included, so a stolen cookie stops working too."""
-    user = session.get(User, actor.id) if actor.kind == "user" else None
+    user = session.get(User, actor.id) if actor.kind == ActorKind.USER else None
     if user is None:
         raise PermissionDeniedError("only a signed-in person can change their password")
     if not verify_password(user.password_hash, current):
@@ -203,11 +205,15 @@ def create_api_client(session: Session, actor: Actor, name: str) -> tuple[ApiCli
         raise ConflictError(f"an API client named {name!r} already exists")
     key, lookup, key_hash = new_api_key()
     client = ApiClient(
-        name=name, key_prefix=lookup, key_hash=key_hash, created_by_id=actor.id if actor.kind == "user" else None
+        name=name,
+        key_prefix=lookup,
+        key_hash=key_hash,
+        created_by_id=actor.id if actor.kind == ActorKind.USER else None,
     )
     session.add(client)
     session.flush()
     audit.record(session, actor, "apikey.create", "api_client", client.id, name=name)
+    session.commit()
     return client, key
 
 
@@ -219,6 +225,7 @@ def revoke_api_client(session: Session, actor: Actor, name: str) -> ApiClient:
     if client.revoked_at is None:
         client.revoked_at = utcnow()
         audit.record(session, actor, "apikey.revoke", "api_client", client.id, name=name)
+        session.commit()
     return client
 
 

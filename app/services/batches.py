@@ -12,26 +12,26 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import ColumnElement, Select, case, func, select, tuple_
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.config import Settings
 from app.db.models import Batch, BatchItem, Prediction
+from app.domain import ActorKind, ItemStatus, QueueOrder
 from app.errors import InputError, InvalidImageError, NotFoundError
 from app.ml.classes import CLASS_NAMES
 from app.services import audit
 from app.services.actors import Actor
 from app.services.calls import CallPolicy
-from app.services.images import ImageStore, check_image
+from app.services.images import ImageStore, check_image, read_capped
 from app.services.predictions import final_label, validate_accession_id
 from app.services.text import has_control_characters, strip_control_characters
 
-QUEUED, PROCESSING, CLASSIFIED, FAILED = "queued", "processing", "classified", "failed"
+QUEUED, PROCESSING, CLASSIFIED, FAILED = ItemStatus  # an item's statuses, in order
 ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 ARCHIVE_MAGIC = (b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!", b"BZh", b"\xfd7zXZ")
-READ_CHUNK = 1024 * 1024
 # What a damaged, truncated, encrypted or oddly compressed member raises while it is read.
 UNREADABLE = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError, RuntimeError, OSError)
 
@@ -51,19 +51,6 @@ def _is_ignorable(name: str) -> bool:
     """Folders and the metadata files desktop zip tools add."""
     parts = PurePosixPath(name).parts
     return name.endswith("/") or any(p.startswith(".") or p == "__MACOSX" for p in parts)
-
-
-def read_capped(stream: BinaryIO, cap: int) -> bytes:
-    """At most cap + 1 bytes, read in chunks: enough to tell an over-size file without holding all of it."""
-    chunks: list[bytes] = []
-    size = 0
-    while size <= cap:
-        chunk = stream.read(min(READ_CHUNK, cap + 1 - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 def files_from_uploads(uploads: Iterable[tuple[str | None, BinaryIO]], settings: Settings) -> Iterator[IncomingFile]:
@@ -134,7 +121,7 @@ def files_from_zip(source: BinaryIO, settings: Settings) -> Iterator[IncomingFil
 
 
 def create_batch(
-    factory: sessionmaker[Session],
+    session: Session,
     store: ImageStore,
     settings: Settings,
     actor: Actor,
@@ -146,18 +133,19 @@ def create_batch(
 
     `files` is consumed one file at a time (a zip is decompressed as it goes), so memory holds one
     image whatever the batch size; an error from it (a refused archive) rolls everything back.
+    Nothing holds the session's connection before it is called: it is checked out at the first
+    write, once the request's files are all received.
     """
     accession_id = validate_accession_id(accession_id)
     if has_control_characters(name):
         raise InputError("the batch name must not contain control characters")
     name = (name or "").strip()[:128] or None
-    session = factory()
     try:
         batch = Batch(
             name=name,
             accession_id=accession_id,
-            user_id=actor.id if actor.kind == "user" else None,
-            api_client_id=actor.id if actor.kind == "apikey" else None,
+            user_id=actor.id if actor.kind == ActorKind.USER else None,
+            api_client_id=actor.id if actor.kind == ActorKind.APIKEY else None,
         )
         session.add(batch)
         session.flush()
@@ -196,8 +184,6 @@ def create_batch(
     except BaseException:
         session.rollback()
         raise
-    finally:
-        session.close()
 
 
 def get_batch(session: Session, batch_id: int) -> Batch:
@@ -205,6 +191,20 @@ def get_batch(session: Session, batch_id: int) -> Batch:
     if batch is None:
         raise NotFoundError(f"batch {batch_id} does not exist")
     return batch
+
+
+def read_batch(session: Session, actor: Actor, batch_id: int) -> Batch:
+    """A batch, with the read on the audit trail."""
+    batch = get_batch(session, batch_id)
+    audit.record_read(session, actor, "batch.read", "batch", batch.id)
+    return batch
+
+
+def recent_batches(session: Session, actor: Actor, limit: int = 50) -> list[Batch]:
+    """The newest batches, for the intake page; the read is audited."""
+    rows = list(session.scalars(select(Batch).order_by(Batch.id.desc()).limit(limit)))
+    audit.record_read(session, actor, "batch.list", "batch", None, page="batches", ids=[b.id for b in rows])
+    return rows
 
 
 @dataclass(frozen=True)
@@ -255,43 +255,61 @@ def qc_sample_size(session: Session, batch_id: int | None) -> int:
 
 
 def uncertainty(item: BatchItem) -> float:
-    """1 at P(abnormal) = 0.5, 0 at 0 or 1: how unsure the normal/abnormal call is."""
+    """1 at P(abnormal) = 0.5, 0 at 0 or 1: how unsure the normal/abnormal call is (of a classified item)."""
+    if item.prediction is None:
+        raise ValueError(f"batch item {item.id} has no prediction yet")
     p = item.prediction.abnormal_probability
     return 1.0 - abs(2.0 * p - 1.0)
 
 
 @dataclass(frozen=True)
 class QueueFilter:
-    order: str = "suspicion"  # suspicion | uncertainty | position
+    order: QueueOrder = QueueOrder.SUSPICION
     unreviewed: bool = False
     predicted_class: str | None = None
     min_abnormal: float | None = None
     max_abnormal: float | None = None
-    status: str | None = None
+    status: ItemStatus | None = None
     qc_only: bool = False
     needs_review: bool = False
 
     def validate(self) -> "QueueFilter":
-        if self.order not in ("suspicion", "uncertainty", "position"):
+        if self.order not in tuple(QueueOrder):
             raise InputError("order must be 'suspicion', 'uncertainty' or 'position'")
         if self.predicted_class is not None and self.predicted_class not in CLASS_NAMES:
             raise InputError(f"class must be one of: {', '.join(CLASS_NAMES)}")
         for bound in (self.min_abnormal, self.max_abnormal):
             if bound is not None and not 0 <= bound <= 1:
                 raise InputError("probability bounds must be between 0 and 1")
-        if self.status is not None and self.status not in (QUEUED, PROCESSING, CLASSIFIED, FAILED):
+        if self.status is not None and self.status not in tuple(ItemStatus):
             raise InputError("status must be queued, processing, classified or failed")
         return self
 
 
-def queue_items(
-    session: Session, batch_id: int | None, flt: QueueFilter, policy: CallPolicy | None = None
-) -> list[BatchItem]:
-    """Items of one batch (or of all batches), filtered and ranked for review.
+UNRANKED = 2.0  # the sort key of a cell without a prediction: after every classified one
 
-    Ranking by suspicion puts the highest P(abnormal) first; unclassified items come last.
+
+SortKey = ColumnElement[Any] | InstrumentedAttribute[int]
+
+
+def _sort_keys(order: str) -> list[SortKey]:
+    """The queue's ORDER BY, every key ascending, ties broken by batch, position and id.
+
+    suspicion: highest P(abnormal) first; uncertainty: P(abnormal) nearest 0.5 first (the same
+    arithmetic as `uncertainty`, so equal floats tie the same way); unclassified cells last.
     """
-    flt = flt.validate()
+    p = Prediction.abnormal_probability
+    unranked = Prediction.id.is_(None)
+    keys: list[SortKey] = []
+    if order == QueueOrder.SUSPICION:
+        keys.append(case((unranked, UNRANKED), else_=-p))
+    elif order == QueueOrder.UNCERTAINTY:
+        keys.append(case((unranked, UNRANKED), else_=-(1.0 - func.abs(2.0 * p - 1.0))))
+    return [*keys, BatchItem.batch_id, BatchItem.position, BatchItem.id]
+
+
+def _queue_query(batch_id: int | None, flt: QueueFilter, policy: CallPolicy | None) -> Select[BatchItem]:
+    """Items of one batch (or of all batches) that pass the filter, unordered."""
     query = select(BatchItem).outerjoin(Prediction, Prediction.id == BatchItem.prediction_id)
     if batch_id is not None:
         query = query.where(BatchItem.batch_id == batch_id)
@@ -311,12 +329,97 @@ def queue_items(
         if policy is None:
             raise ValueError("the needs-review filter needs the lab's call policy")
         query = query.where(policy.needs_review_clause())
-    items = list(session.scalars(query.order_by(BatchItem.batch_id, BatchItem.position)).unique())
-    if flt.order == "suspicion":
-        items.sort(key=lambda i: -i.prediction.abnormal_probability if i.prediction else 2.0)
-    elif flt.order == "uncertainty":
-        items.sort(key=lambda i: -uncertainty(i) if i.prediction else 2.0)
+    return query
+
+
+def _count(session: Session, query: Select[BatchItem]) -> int:
+    return session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
+
+
+def queue_page(
+    session: Session,
+    batch_id: int | None,
+    flt: QueueFilter,
+    policy: CallPolicy | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> tuple[list[BatchItem], int]:
+    """One page of the queue, filtered, ranked and paged in the database; returns (page, total)."""
+    flt = flt.validate()
+    query = _queue_query(batch_id, flt, policy)
+    page = query.order_by(*_sort_keys(flt.order)).offset(offset).limit(limit)
+    return list(session.scalars(page).unique()), _count(session, query)
+
+
+def queue_items(
+    session: Session, batch_id: int | None, flt: QueueFilter, policy: CallPolicy | None = None
+) -> list[BatchItem]:
+    """Items of one batch (or of all batches), filtered and ranked for review (see _sort_keys)."""
+    flt = flt.validate()
+    query = _queue_query(batch_id, flt, policy).order_by(*_sort_keys(flt.order))
+    return list(session.scalars(query).unique())
+
+
+def read_queue_page(
+    session: Session,
+    actor: Actor,
+    batch_id: int,
+    flt: QueueFilter,
+    policy: CallPolicy,
+    limit: int,
+    offset: int,
+) -> tuple[list[BatchItem], int]:
+    """A page of a batch's queue for the API (see queue_page); the items shown are audited."""
+    get_batch(session, batch_id)
+    items, total = queue_page(session, batch_id, flt, policy, limit, offset)
+    audit.record_read(session, actor, "batch.items.read", "batch", batch_id, item_ids=[i.id for i in items])
+    return items, total
+
+
+AUDITED_IDS = 1000  # a gallery's audit event names at most this many predictions (and counts all)
+
+
+def read_gallery(
+    session: Session, actor: Actor, batch_id: int | None, flt: QueueFilter, policy: CallPolicy, query: str
+) -> list[BatchItem]:
+    """The whole ranked queue for the gallery page; the cells shown are audited (query: the filter as shown)."""
+    items = queue_items(session, batch_id, flt, policy)
+    shown = [i.prediction_id for i in items if i.prediction_id is not None]
+    detail = {"filter": query, "count": len(shown), "prediction_ids": shown[:AUDITED_IDS]}
+    audit.record_read(session, actor, "queue.read", "batch", batch_id, **detail)
     return items
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Where a cell stands among the classified cells of a queue: the cells before and after it, its
+    1-based position (None when the filter leaves it out) and how many there are."""
+
+    previous: int | None
+    following: int | None
+    position: int | None
+    count: int
+
+
+def neighbours(
+    session: Session, item_id: int, batch_id: int | None, flt: QueueFilter, policy: CallPolicy | None = None
+) -> Neighbours:
+    """The classified cells before and after one cell in the ranked queue, by keyset queries on the
+    sort keys (no list of the queue is loaded). A cell the filter leaves out has no previous one and
+    the queue's first cell as the next."""
+    flt = flt.validate()
+    keys = _sort_keys(flt.order)
+    classified = _queue_query(batch_id, flt, policy).where(BatchItem.prediction_id.is_not(None))
+    count = _count(session, classified)
+    ids = classified.with_only_columns(BatchItem.id)
+    here = session.execute(classified.with_only_columns(*keys).where(BatchItem.id == item_id)).first()
+    if here is None:
+        return Neighbours(None, session.scalar(ids.order_by(*keys).limit(1)), None, count)
+    row, mark = tuple_(*keys), tuple_(*here)
+    previous = session.scalar(ids.where(row < mark).order_by(*(k.desc() for k in keys)).limit(1))
+    following = session.scalar(ids.where(row > mark).order_by(*keys).limit(1))
+    before = _count(session, classified.where(row < mark))
+    return Neighbours(previous, following, before + 1, count)
 
 
 CSV_COLUMNS = [
@@ -343,7 +446,7 @@ def export_csv(session: Session, actor: Actor, batch_id: int) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
-    for item in queue_items(session, batch_id, QueueFilter(order="position")):
+    for item in queue_items(session, batch_id, QueueFilter(order=QueueOrder.POSITION)):
         p = item.prediction
         review = p.reviews[-1] if p and p.reviews else None
         row = {

@@ -7,12 +7,17 @@ A cell needs review when any of these holds (each gives a short reason):
   * the image is not a typical cell (OOD score over its cut-off);
   * the input checks found something odd in the file (size, flatness, exposure, bit depth, ...).
 The same rule exists as a SQL expression for the review queue's filter.
+
+Every prediction is read at the cut-off of the model version that made it (each version's card chose its own
+on its own validation cells), so a promotion or a rollback changes the calls of new cells only; a cut-off the
+lab sets itself (PAPCAD_ABNORMAL_THRESHOLD) holds for every version.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy import ColumnElement, and_, case, literal, or_
 
 from app.db.models import Prediction
 from app.ml.classes import ABNORMAL_CLASSES, CLASS_LABELS, NORMAL_CLASSES
@@ -23,6 +28,7 @@ class Scored(Protocol):
 
     abnormal_probability: float
     predicted_class: str
+    model_version: str
     in_distribution: bool | None
     ood_score: float | None
     input_flags: list[str] | None
@@ -30,30 +36,52 @@ class Scored(Protocol):
 
 @dataclass(frozen=True)
 class CallPolicy:
-    """A P(abnormal) cut-off, and a band around it that needs a person."""
+    """P(abnormal) cut-offs, one per model version, and a band around the cut-off that needs a person.
+
+    abnormal_threshold: the cut-off of the model serving now (what pages state as "the cut-off"), and of any
+    version not in `cutoffs`. cutoffs: model version -> its own cut-off.
+    """
 
     abnormal_threshold: float
     uncertainty_band: float
+    cutoffs: Mapping[str, float] = field(default_factory=dict)
 
-    def is_abnormal(self, abnormal_probability: float) -> bool:
-        return abnormal_probability >= self.abnormal_threshold
+    def cutoff(self, model_version: str | None = None) -> float:
+        """The cut-off that reads the calls of `model_version` (the serving model's when None or unknown)."""
+        if model_version is None:
+            return self.abnormal_threshold
+        return self.cutoffs.get(model_version, self.abnormal_threshold)
 
-    def near_cutoff(self, abnormal_probability: float) -> bool:
-        return abs(abnormal_probability - self.abnormal_threshold) <= self.uncertainty_band
+    def cutoff_of(self, p: Scored) -> float:
+        return self.cutoff(self._version(p))
 
-    def disagrees(self, predicted_class: str, abnormal_probability: float) -> bool:
+    @staticmethod
+    def _version(p: Scored) -> str | None:
+        return getattr(p, "model_version", None)  # None: a bare score without its model reads at the current cut-off
+
+    def is_abnormal(self, abnormal_probability: float, model_version: str | None = None) -> bool:
+        return abnormal_probability >= self.cutoff(model_version)
+
+    def calls_abnormal(self, p: Scored) -> bool:
+        """The prediction's normal/abnormal call, at the cut-off of the model that made it."""
+        return self.is_abnormal(p.abnormal_probability, self._version(p))
+
+    def near_cutoff(self, abnormal_probability: float, model_version: str | None = None) -> bool:
+        return abs(abnormal_probability - self.cutoff(model_version)) <= self.uncertainty_band
+
+    def disagrees(self, predicted_class: str, abnormal_probability: float, model_version: str | None = None) -> bool:
         """The top class says one thing and the cut-off call the other."""
-        return (predicted_class in ABNORMAL_CLASSES) != self.is_abnormal(abnormal_probability)
+        return (predicted_class in ABNORMAL_CLASSES) != self.is_abnormal(abnormal_probability, model_version)
 
     def review_reasons(self, p: Scored) -> list[str]:
         """Why this prediction needs a person; empty when none applies."""
-        prob, cut = p.abnormal_probability, self.abnormal_threshold
+        prob, version, cut = p.abnormal_probability, self._version(p), self.cutoff_of(p)
         reasons = []
-        if self.near_cutoff(prob):
+        if self.near_cutoff(prob, version):
             reasons.append(
                 f"near the cut-off (P(abnormal) {prob:.2f}, cut-off {cut:.2f} ± {self.uncertainty_band:.2f})"
             )
-        if self.disagrees(p.predicted_class, prob):
+        if self.disagrees(p.predicted_class, prob, version):
             side = "under" if p.predicted_class in ABNORMAL_CLASSES else "at or over"
             reasons.append(
                 f"top class {CLASS_LABELS[p.predicted_class]} but P(abnormal) {prob:.2f} {side} the cut-off {cut:.2f}"
@@ -69,7 +97,10 @@ class CallPolicy:
 
     def needs_review_clause(self) -> ColumnElement[bool]:
         """`needs_review` as a SQL condition on the predictions table (for filtering in the database)."""
-        cut, band = self.abnormal_threshold, self.uncertainty_band
+        band = self.uncertainty_band
+        cut: ColumnElement[float] = literal(self.abnormal_threshold)
+        if self.cutoffs:  # each row at its own model's cut-off
+            cut = case(dict(self.cutoffs), value=Prediction.model_version, else_=self.abnormal_threshold)
         prob = Prediction.abnormal_probability
         return or_(
             prob.between(cut - band, cut + band),

@@ -12,13 +12,17 @@ from datetime import UTC, datetime
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.identifier import Identifier
+from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.reference import Reference
-from fhir_core.fhirabstractmodel import FHIRAbstractModel
+from fhir.resources.R4B.resource import Resource
+from sqlalchemy.orm import Session
 
 from app.db.models import CaseReport, User
-from app.services import fhir
+from app.services import audit, cases, fhir
+from app.services.actors import Actor
 from app.services.calls import CallPolicy
 from app.services.cases import INTERPRETATIONS, SUGGESTION_LABELS, CaseSummary
 
@@ -77,8 +81,8 @@ def build_case_bundle(summary: CaseSummary, policy: CallPolicy, issued: datetime
     current = summary.current
     accession = Identifier(system=fhir.ACCESSION_SYSTEM, value=summary.accession_id)
     specimen = Reference(type="Specimen", identifier=accession)
-    devices: dict[tuple[str, str], FHIRAbstractModel] = {}
-    observations: list[FHIRAbstractModel] = []
+    devices: dict[tuple[str, str], Device] = {}
+    observations: list[Observation] = []
     for cell in summary.cells:
         p = cell.prediction
         key = (p.model_version, p.weights_sha256)
@@ -120,10 +124,18 @@ def build_case_bundle(summary: CaseSummary, policy: CallPolicy, issued: datetime
         conclusion=_conclusion(summary, current),
         conclusionCode=[_interpretation_concept(code, label)],
     )
-    resources: list[FHIRAbstractModel] = [report, *observations, *devices.values()]
+    resources: list[Resource] = [report, *observations, *devices.values()]
     return Bundle(
         id=str(uuid.uuid4()),
         type="collection",
         timestamp=issued,
         entry=[{"fullUrl": f"urn:uuid:{r.id}", "resource": r} for r in resources],
     )
+
+
+def read_case_bundle(session: Session, actor: Actor, accession_id: str, policy: CallPolicy) -> str:
+    """The case as validated FHIR JSON; the read is audited."""
+    summary = cases.load(session, accession_id, policy)
+    body = fhir.to_validated_json(build_case_bundle(summary, policy))
+    audit.record_read(session, actor, "case.fhir.read", "case", summary.accession_id)
+    return body

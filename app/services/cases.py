@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import Batch, BatchItem, Case, CaseReport, Prediction, Review
+from app.domain import PENDING_ITEM_STATUSES, CaseStatus, ItemStatus
 from app.errors import ConflictError, InputError, NotFoundError, PermissionDeniedError
 from app.ml.classes import BETHESDA_HINT, CLASS_NAMES, NORMAL_CLASSES
 from app.roles import Role
@@ -26,7 +27,7 @@ from app.services.actors import Actor
 from app.services.calls import CallPolicy
 from app.services.text import has_control_characters
 
-OPEN, IN_REVIEW, REFERRED, SIGNED_OUT = "open", "in_review", "referred", "signed_out"
+OPEN, IN_REVIEW, REFERRED, SIGNED_OUT = CaseStatus  # the statuses in order
 STATUS_LABELS = {OPEN: "open", IN_REVIEW: "in review", REFERRED: "referred to a pathologist", SIGNED_OUT: "signed out"}
 
 # What the rule may suggest, and what a pathologist may sign out (The Bethesda System categories).
@@ -43,7 +44,7 @@ INTERPRETATIONS: dict[str, str] = {
     "UNSATISFACTORY": "Unsatisfactory for evaluation",
 }
 SUGGESTION_LABELS = {**INTERPRETATIONS, UNSATISFACTORY: "Unsatisfactory / needs pathologist"}
-PENDING_STATUSES = ("queued", "processing")
+PENDING_STATUSES = PENDING_ITEM_STATUSES
 MAX_TEXT = 2000
 
 
@@ -127,7 +128,7 @@ class CaseCell:
 @dataclass
 class CaseSummary:
     accession_id: str
-    status: str
+    status: CaseStatus
     case: Case | None
     cells: list[CaseCell]  # most suspicious first
     pending: int
@@ -179,7 +180,7 @@ def is_signed_out(session: Session, accession_id: str) -> bool:
     return bool(session.scalar(query))
 
 
-def status_of(case: Case | None, reviewed: int) -> str:
+def status_of(case: Case | None, reviewed: int) -> CaseStatus:
     if case is not None and case.reports:
         return SIGNED_OUT
     if case is not None and case.referred_at is not None:
@@ -203,12 +204,10 @@ def load(session: Session, accession_id: str, policy: CallPolicy) -> CaseSummary
     cells = []
     for p in predictions:
         final = p.reviews[-1].label if p.reviews else None
-        cells.append(
-            CaseCell(p, item_of.get(p.id), final, policy.review_reasons(p), policy.is_abnormal(p.abnormal_probability))
-        )
+        cells.append(CaseCell(p, item_of.get(p.id), final, policy.review_reasons(p), policy.calls_abnormal(p)))
     cells.sort(key=lambda c: (-c.prediction.abnormal_probability, c.prediction.id))
     pending = sum(i.status in PENDING_STATUSES for i in items)
-    failed = sum(i.status == "failed" for i in items)
+    failed = sum(i.status == ItemStatus.FAILED for i in items)
     evidence = [Evidence(c.prediction.predicted_class, c.final_label, bool(c.reasons)) for c in cells]
     case = _case_row(session, accession_id)
     by_final = Counter(c.final_label or "unreviewed" for c in cells)
@@ -402,7 +401,7 @@ class CaseRow:
     cells: int
     reviewed: int
     last_at: datetime
-    status: str
+    status: CaseStatus
 
 
 def recent(session: Session, actor: Actor, limit: int = 100) -> list[CaseRow]:
@@ -426,7 +425,9 @@ def recent(session: Session, actor: Actor, limit: int = 100) -> list[CaseRow]:
         c.accession_id: c for c in session.scalars(select(Case).where(Case.accession_id.in_([r[0] for r in rows])))
     }
     listed = [
-        CaseRow(acc, cells, done, _aware(last), status_of(found.get(acc), done)) for acc, cells, done, last in rows
+        CaseRow(acc, cells, done, _aware(last), status_of(found.get(acc), done))
+        for acc, cells, done, last in rows
+        if acc is not None  # the query leaves out cells without an accession already
     ]
     audit.record_read(session, actor, "case.list", "case", None, accession_ids=[r.accession_id for r in listed])
     return listed

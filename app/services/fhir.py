@@ -9,7 +9,9 @@ support (NILM, LSIL, HSIL); the model has no ASC-US/ASC-H/AGC/SCC class, so thos
 """
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.codeableconcept import CodeableConcept
@@ -19,11 +21,16 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.reference import Reference
+from fhir.resources.R4B.resource import Resource
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
+from sqlalchemy.orm import Session
 
 from app.db.models import Prediction, Review
 from app.ml.classes import BETHESDA_HINT, CLASS_LABELS, CLASS_NAMES
+from app.services import audit
+from app.services.actors import Actor
 from app.services.calls import CallPolicy
+from app.services.predictions import get_prediction
 
 SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
@@ -73,7 +80,7 @@ def _id(*parts: object) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "urn:papcad:" + ":".join(str(p) for p in parts)))
 
 
-def _ref(resource: FHIRAbstractModel) -> Reference:
+def _ref(resource: Resource) -> Reference:
     return Reference(reference=f"urn:uuid:{resource.id}", type=resource.get_resource_type())
 
 
@@ -90,7 +97,7 @@ def _review_note(review: Review) -> str:
     return f"{review.action} of the model call" + (f": {review.comment}" if review.comment else "")
 
 
-def _quantity(value: float) -> dict:
+def _quantity(value: float) -> dict[str, float | str]:
     return {"value": value, "unit": "1", "system": UCUM, "code": "1"}
 
 
@@ -113,10 +120,15 @@ def _coded(system: str, code: str, display: str) -> CodeableConcept:
     return CodeableConcept(coding=[Coding(system=system, code=code, display=display)])
 
 
-def _review_observations(prediction: Prediction, policy: CallPolicy | None, observation, by_model: dict) -> list:
+def _review_observations(
+    prediction: Prediction,
+    policy: CallPolicy | None,
+    observation: Callable[..., Observation],
+    by_model: dict[str, Any],
+) -> list[Observation]:
     """Whether the image is a typical cell (OOD score, input checks) and, with the lab's policy, whether a
     person must review it and why."""
-    made = []
+    made: list[Observation] = []
     if prediction.ood_score is not None:
         made.append(
             observation(
@@ -152,11 +164,15 @@ def _review_observations(prediction: Prediction, policy: CallPolicy | None, obse
 
 
 def _observations(
-    prediction: Prediction, review: Review | None, device: Device, common: dict, policy: CallPolicy | None = None
+    prediction: Prediction,
+    review: Review | None,
+    device: Device,
+    common: dict[str, Any],
+    policy: CallPolicy | None = None,
 ) -> list[Observation]:
     """The model's outputs (made by the device), then the reviewer's label (made by a person) if any."""
 
-    def observation(part: str, text: str, **fields) -> Observation:
+    def observation(part: str, text: str, **fields: Any) -> Observation:
         return Observation(id=_id("prediction", prediction.id, part), code=_local_code(part, text), **fields)
 
     by_model = {
@@ -259,7 +275,7 @@ def build_bundle(prediction: Prediction, issued: datetime | None = None, policy:
         conclusion=AUTOMATED_STATEMENT + (reviewed or " Not yet reviewed."),
         conclusionCode=[_bethesda_concept(review.label if review else prediction.predicted_class)],
     )
-    resources: list[FHIRAbstractModel] = [report, *observations, device]
+    resources: list[Resource] = [report, *observations, device]
     return Bundle(
         id=str(uuid.uuid4()),
         type="collection",
@@ -271,13 +287,15 @@ def build_bundle(prediction: Prediction, issued: datetime | None = None, policy:
 def reference_problems(bundle: Bundle) -> list[str]:
     """References the library accepts but FHIR does not: dangling urn:uuid links, or a target type
     the element does not allow (fhir.resources checks structure, not reference targets)."""
-    types = {e.fullUrl: e.resource.get_resource_type() for e in bundle.entry or []}
+    types = {e.fullUrl: e.resource.get_resource_type() for e in bundle.entry or [] if e.resource is not None}
     problems: list[str] = []
 
     def walk(model: FHIRAbstractModel, where: str) -> None:
         for name, field in type(model).model_fields.items():
             value = getattr(model, name, None)
-            allowed = (field.json_schema_extra or {}).get("enum_reference_types")
+            extra = field.json_schema_extra
+            listed = extra.get("enum_reference_types") if isinstance(extra, dict) else None
+            allowed = listed if isinstance(listed, list) else None
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, Reference):
                     target = types.get(item.reference) if item.reference else item.type
@@ -289,6 +307,9 @@ def reference_problems(bundle: Bundle) -> list[str]:
                     walk(item, f"{where}.{name}")
 
     for entry in bundle.entry or []:
+        if entry.resource is None:
+            problems.append(f"{entry.fullUrl}: an entry without a resource")
+            continue
         walk(entry.resource, entry.resource.get_resource_type())
     return problems
 
@@ -301,3 +322,11 @@ def to_validated_json(bundle: Bundle) -> str:
     if problems:
         raise ValueError("invalid FHIR bundle: " + "; ".join(problems))
     return text
+
+
+def read_bundle(session: Session, actor: Actor, prediction_id: int, policy: CallPolicy | None) -> str:
+    """One prediction as validated FHIR JSON; the read is audited."""
+    prediction = get_prediction(session, prediction_id)
+    body = to_validated_json(build_bundle(prediction, policy=policy))
+    audit.record_read(session, actor, "prediction.fhir.read", "prediction", prediction.id)
+    return body

@@ -16,9 +16,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db.models import BatchItem, Prediction, Review
+from app.domain import ActorKind
 from app.errors import InputError, PermissionDeniedError
 from app.ml.classes import ABNORMAL_CLASSES, CLASS_LABELS, CLASS_NAMES
 from app.roles import Role
+from app.services import audit
 from app.services.actors import Actor
 from app.services.calls import CallPolicy
 
@@ -124,7 +126,7 @@ class Report:
 
 def check_can_view(actor: Actor) -> None:
     """Agreement statistics are for admins and pathologists, not for API clients or other roles."""
-    if actor.kind != "user" or actor.role not in VIEWER_ROLES:
+    if actor.kind != ActorKind.USER or actor.role not in VIEWER_ROLES:
         raise PermissionDeniedError("monitoring is for administrators and pathologists")
 
 
@@ -204,8 +206,9 @@ def load_report(
 ) -> Report:
     """The report over every prediction with at least one review, by its latest review; with the lab's
     call policy, the safety numbers too."""
-    latest = select(Review.prediction_id, func.max(Review.id).label("review_id")).group_by(Review.prediction_id)
-    latest = latest.subquery()
+    latest = (
+        select(Review.prediction_id, func.max(Review.id).label("review_id")).group_by(Review.prediction_id).subquery()
+    )
     query = (
         select(Prediction.predicted_class, Review.label, Prediction.model_version, Review.created_at)
         .join(latest, latest.c.prediction_id == Prediction.id)
@@ -224,6 +227,22 @@ def load_report(
     if policy is None:
         return report
     return replace(report, safety=load_safety(session, policy, date_from, date_to))
+
+
+def read_report(
+    session: Session,
+    actor: Actor,
+    date_from: date | None,
+    date_to: date | None,
+    policy: CallPolicy | None,
+    **detail: object,
+) -> Report:
+    """The report for someone allowed to see it (see check_can_view), with the read on the audit trail."""
+    check_can_view(actor)
+    report = load_report(session, date_from, date_to, policy)
+    dates = {"date_from": date_from and date_from.isoformat(), "date_to": date_to and date_to.isoformat()}
+    audit.record_read(session, actor, "monitoring.read", None, None, **detail, **dates)
+    return report
 
 
 def _in_period(moment: datetime, date_from: date | None, date_to: date | None) -> bool:
@@ -250,7 +269,7 @@ def load_safety(session: Session, policy: CallPolicy, date_from: date | None, da
         for p in session.scalars(select(Prediction).where(Prediction.reviews.any()).order_by(Prediction.id))
         if _in_period(p.reviews[-1].created_at, date_from, date_to)
     ]
-    called = [policy.is_abnormal(p.abnormal_probability) for p in reviewed]
+    called = [policy.calls_abnormal(p) for p in reviewed]
     truth = [p.reviews[-1].label in ABNORMAL_CLASSES for p in reviewed]
     tp, fn, tn, fp = binary_rates(called, truth)
     items = {

@@ -9,6 +9,11 @@ At start-up (`ensure_startup`): an empty registry gets PAPCAD_MODEL_DIR as its a
 PAPCAD_MODEL_DIR set explicitly to a model whose weights the registry has never seen is registered and
 made active (so `PAPCAD_MODEL_DIR=<adapted model> papcad serve` serves it). A known model is left as
 the registry says: a restart does not undo a promotion or a rollback.
+
+What a prediction is read with follows the model that made it, not the model the process started with: its
+call, needs-review reasons and cut-off (`LiveModels.policy`: each registered version's own cut-off), and its
+Grad-CAM heatmap (`LiveModels.model_for`: the held model with its weights, or a retired version loaded on
+demand from its registered directory, one at a time).
 """
 
 import logging
@@ -16,22 +21,24 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import ModelVersion, utcnow
-from app.errors import ConflictError, ModelIntegrityError, NotFoundError, PermissionDeniedError
+from app.domain import ModelStatus
+from app.errors import ConflictError, ModelIntegrityError, NotFoundError, PapcadError, PermissionDeniedError
 from app.ml.artifact import read_card, verified_weights_path
 from app.ml.classifier import Classifier
 from app.services import audit
 from app.services.actors import Actor
+from app.services.calls import CallPolicy
 
 log = logging.getLogger("papcad.registry")
 
-CANDIDATE, ACTIVE, RETIRED = "candidate", "active", "retired"
+CANDIDATE, ACTIVE, RETIRED = ModelStatus.CANDIDATE, ModelStatus.ACTIVE, ModelStatus.RETIRED
 # The card's sections shown on the admin page (the whole card stays in the model directory).
 CARD_KEYS = ("version", "created_at", "metrics", "abnormal_threshold", "calibration", "adaptation", "data")
 
@@ -43,7 +50,7 @@ def _check_admin(actor: Actor) -> None:
         raise PermissionDeniedError("API clients may not change the model registry")
 
 
-def _verified_card(directory: Path) -> dict:
+def _verified_card(directory: Path) -> dict[str, Any]:
     """The card of a loadable-looking model directory (card readable, weights match its SHA-256)."""
     card = read_card(directory)
     for key in ("version", "weights_sha256", "class_names", "input"):
@@ -53,7 +60,12 @@ def _verified_card(directory: Path) -> dict:
     return card
 
 
-def _snapshot(card: dict) -> dict:
+def card_cutoff(card: dict[str, Any]) -> float:
+    """A model card's P(abnormal) cut-off, as `Classifier` reads it (0.5 when the card has none)."""
+    return float((card.get("abnormal_threshold") or {}).get("value", 0.5))
+
+
+def _snapshot(card: dict[str, Any]) -> dict[str, Any]:
     snapshot = {k: card[k] for k in CARD_KEYS if k in card}
     if "adaptation" in snapshot:  # the per-epoch history is not for the admin page
         snapshot["adaptation"] = {k: v for k, v in snapshot["adaptation"].items() if k != "history"}
@@ -61,7 +73,7 @@ def _snapshot(card: dict) -> dict:
 
 
 def list_versions(session: Session) -> list[ModelVersion]:
-    order = {ACTIVE: 0, CANDIDATE: 1, RETIRED: 2}
+    order: dict[str, int] = {ACTIVE: 0, CANDIDATE: 1, RETIRED: 2}
     rows = list(session.scalars(select(ModelVersion).order_by(ModelVersion.registered_at.desc(), ModelVersion.id)))
     return sorted(rows, key=lambda r: order.get(r.status, 3))
 
@@ -127,11 +139,15 @@ def _activate(session: Session, actor: Actor, row: ModelVersion, action: str, **
     now = utcnow()
     if previous is not None:
         # Guarded: of two simultaneous promotions, only one finds the old active row still active.
-        done = session.execute(
-            update(ModelVersion)
-            .where(ModelVersion.id == previous.id, ModelVersion.status == ACTIVE)
-            .values(status=RETIRED, changed_by=actor.label, changed_at=now)
-            .execution_options(synchronize_session=False)
+        # An UPDATE statement's result is a CursorResult (the one that counts rows); Session.execute is typed wider.
+        done = cast(
+            "CursorResult[Any]",
+            session.execute(
+                update(ModelVersion)
+                .where(ModelVersion.id == previous.id, ModelVersion.status == ACTIVE)
+                .values(status=RETIRED, changed_by=actor.label, changed_at=now)
+                .execution_options(synchronize_session=False)
+            ),
         )
         if done.rowcount != 1:
             raise ConflictError("the active model changed meanwhile; reload and retry")
@@ -159,6 +175,7 @@ def rollback(session: Session, actor: Actor, to: str | None = None) -> ModelVers
     """Back to the version that was active before the current one (or to `to`); the current one retires."""
     _check_admin(actor)
     current = active_version(session)
+    target: ModelVersion | None
     if to is not None:
         target = _by_version(session, to)
     else:
@@ -203,7 +220,8 @@ def weights_sha256_for(model: Any, result: Any) -> str:
     """The SHA-256 of the weights that made `result` (a Classifier prediction), whatever model object made it."""
     if isinstance(model, LiveModels):
         return model.weights_sha256_of(result.model_version)
-    return model.weights_sha256
+    sha: str = model.weights_sha256  # a Classifier's
+    return sha
 
 
 def after_stored(model: Any, prediction_id: int, image: Any) -> None:
@@ -235,9 +253,14 @@ class LiveModels:
         self.loader = loader
         self._active = active
         self._candidate: Classifier | None = None
+        self._retired: Classifier | None = None  # loaded on demand for a heatmap of one of its predictions
         self._shas: dict[str, str] = {active.version: active.weights_sha256}
+        self._cutoffs: dict[str, float] = {active.version: active.abnormal_threshold}
         self._checked = time.monotonic()
         self._refreshing = threading.Lock()
+        self._loading = threading.Lock()
+        with sessions() as session:  # so the predictions of earlier versions read right from the first request
+            self._read_cutoffs(session)
         self.shadow = ShadowScorer(sessions, self.candidate, maxsize=shadow_queue)
 
     # --- what serving code asks --------------------------------------------------------------------------------
@@ -245,6 +268,10 @@ class LiveModels:
     def active(self) -> Classifier:
         if time.monotonic() - self._checked >= self.poll_seconds:
             self.refresh()
+        return self._active
+
+    def held(self) -> Classifier:
+        """The active model as last followed, without looking at the registry (for the event loop: no I/O)."""
         return self._active
 
     def candidate(self) -> Classifier | None:
@@ -256,6 +283,46 @@ class LiveModels:
 
     def weights_sha256_of(self, version: str) -> str:
         return self._shas[version]
+
+    def policy(self, uncertainty_band: float, fixed_cutoff: float | None = None) -> CallPolicy:
+        """The call policy of the moment: the active model's cut-off, and each registered version's own for
+        the predictions it made; a lab's fixed cut-off instead holds for every version. No I/O (it is read on
+        the event loop too): it follows the registry as this process last read it (`refresh`)."""
+        if fixed_cutoff is not None:
+            return CallPolicy(fixed_cutoff, uncertainty_band)
+        active = self._active
+        cutoffs = {**self._cutoffs, active.version: active.abnormal_threshold}
+        return CallPolicy(active.abnormal_threshold, uncertainty_band, cutoffs)
+
+    def model_for(self, weights_sha256: str) -> Classifier:
+        """The model with these weights, to explain one of its predictions: the active model, the candidate,
+        or a retired version loaded from its registered directory (weights checked; at most one such model is
+        held). ConflictError when no registered version has these weights or its files are gone or changed."""
+        for held in (self.active(), self._candidate, self._retired):
+            if held is not None and held.weights_sha256 == weights_sha256:
+                return held
+        with self._loading:
+            if self._retired is not None and self._retired.weights_sha256 == weights_sha256:
+                return self._retired
+            with self.sessions() as session:
+                row = session.scalar(select(ModelVersion).where(ModelVersion.weights_sha256 == weights_sha256))
+                found = None if row is None else (row.version, Path(row.directory))
+            if found is None:
+                raise ConflictError("the model that made this prediction is not in this server's model registry")
+            version, directory = found
+            try:
+                model = self.loader(directory)
+            except (PapcadError, OSError) as exc:
+                log.warning("model %s cannot be loaded from %s: %s", version, directory, exc)
+                raise ConflictError(
+                    f"model {version}, which made this prediction, can no longer be loaded on this server "
+                    "(its registered files are missing or changed)"
+                ) from exc
+            if model.weights_sha256 != weights_sha256:
+                raise ConflictError(f"model {version}'s registered directory no longer holds the weights it ran with")
+            self._retired = model
+            log.info("loaded retired model %s from %s to explain its predictions", version, directory)
+            return model
 
     def shadow_score(self, prediction_id: int, image: Any) -> None:
         if self._candidate is not None:
@@ -284,6 +351,7 @@ class LiveModels:
                     row.status: (row.version, row.weights_sha256, row.directory)
                     for row in sorted(rows, key=lambda r: r.registered_at)  # the newest candidate wins
                 }
+                self._read_cutoffs(session)
             self._active = self._follow(targets.get(ACTIVE), self._active) or self._active
             self._candidate = self._follow(targets.get(CANDIDATE), self._candidate)
         except Exception:  # noqa: BLE001 - keep serving with the model held
@@ -291,19 +359,25 @@ class LiveModels:
         finally:
             self._refreshing.release()
 
+    def _read_cutoffs(self, session: Session) -> None:
+        """Add the cut-off of every registered version not yet known (a version's card never changes)."""
+        unseen = session.scalars(select(ModelVersion).where(ModelVersion.version.not_in(set(self._cutoffs))))
+        self._cutoffs = {**self._cutoffs, **{row.version: card_cutoff(row.card or {}) for row in unseen}}
+
     def _follow(self, target: tuple[str, str, str] | None, held: Classifier | None) -> Classifier | None:
         if target is None:
             return None
         version, sha, directory = target
         if held is not None and held.weights_sha256 == sha:
             return held
-        for loaded in (self._active, self._candidate):  # a promoted candidate is already in memory
+        for loaded in (self._active, self._candidate, self._retired):  # a promoted candidate is already in memory
             if loaded is not None and loaded.weights_sha256 == sha:
                 return loaded
         model = self.loader(Path(directory))
         if model.weights_sha256 != sha:
             raise ModelIntegrityError(f"{directory} no longer holds the registered weights of {version}")
         self._shas[model.version] = model.weights_sha256
+        self._cutoffs = {**self._cutoffs, model.version: model.abnormal_threshold}
         log.info("loaded model %s from %s", version, directory)
         return model
 

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Prediction, Review
+from app.domain import ActorKind
 from app.errors import ConflictError, InputError, NotFoundError, PermissionDeniedError
 from app.ml.classes import CLASS_NAMES
 from app.services import audit, cases
@@ -111,7 +112,7 @@ def add_review(
 
 def undoable(session: Session, actor: Actor, now: datetime | None = None) -> Review | None:
     """The actor's own most recent review, if it is under a minute old and still its cell's latest."""
-    if actor.kind != "user":
+    if actor.kind != ActorKind.USER:
         return None
     since = (now or datetime.now(UTC)) - timedelta(seconds=UNDO_SECONDS)
     review = session.scalar(
@@ -125,7 +126,7 @@ def undoable(session: Session, actor: Actor, now: datetime | None = None) -> Rev
     latest = session.scalar(
         select(Review.id).where(Review.prediction_id == review.prediction_id).order_by(Review.id.desc())
     )
-    prediction = session.get(Prediction, review.prediction_id)
+    prediction = session.get_one(Prediction, review.prediction_id)  # a review's prediction is never deleted
     if latest != review.id or (prediction.accession_id and cases.is_signed_out(session, prediction.accession_id)):
         return None
     return review

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db.models import Prediction, Review
-from app.ml.adapt import SiteCell
+from app.ml.site_cells import SiteCell
 from app.services import audit
 from app.services.actors import Actor
 from app.services.images import ImageStore

@@ -6,15 +6,17 @@ working as soon as its row is revoked, and a leaked table does not give working 
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import User, UserSession, utcnow
+from app.domain import ActorKind
 from app.security import hash_session_token, new_csrf_token, new_session_token
 from app.services import audit
-from app.services.actors import Actor
+from app.services.actors import ANONYMOUS, Actor
 
 TOUCH_EVERY = timedelta(seconds=60)  # last_seen_at is written at most this often per session
 
@@ -71,8 +73,8 @@ def resolve(session: Session, token: str, policy: SessionPolicy, address: str | 
     row = session.scalar(select(UserSession).where(UserSession.token_hash == hash_session_token(token)))
     now = utcnow()
     reason = refusal(row, policy, now)
-    if reason is not None:
-        actor = Actor("user", row.user_id, row.user.username) if row else Actor("anonymous", None, "?")
+    if reason is not None or row is None:  # refusal() names a reason for every missing row
+        actor = Actor(ActorKind.USER, row.user_id, row.user.username) if row else ANONYMOUS
         detail = {"method": "session", "reason": reason, "address": address}
         audit.record_apart(session, actor, "auth.failure", "user", row.user_id if row else None, **detail)
         return None
@@ -87,7 +89,7 @@ def end_session(session: Session, token: str | None, address: str | None) -> Non
     row = session.scalar(select(UserSession).where(UserSession.token_hash == hash_session_token(token or "")))
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
-        actor = Actor("user", row.user_id, row.user.username)
+        actor = Actor(ActorKind.USER, row.user_id, row.user.username)
         audit.record(session, actor, "logout", "user", row.user_id, address=address)
     session.commit()
 
@@ -100,4 +102,4 @@ def revoke_all(session: Session, user_id: int) -> int:
         .values(revoked_at=utcnow())
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount or 0
+    return cast(CursorResult[Any], result).rowcount or 0  # an UPDATE answers with a CursorResult

@@ -5,26 +5,40 @@ A worker leases up to N queued (or lease-expired) items with `SELECT ... FOR UPD
 prediction in a transaction that only commits if the worker still holds that item's lease. A
 worker that dies loses nothing: its lease expires and another worker takes the items over; one
 that comes back late finds its lease gone and stores nothing, so no item gets two predictions.
+
+These functions take a sessionmaker, not a Session, on purpose: a worker round is several short
+transactions (claim; read the images; store each result under its own lease) with the model run in
+between, and each must commit or fail on its own, without holding a connection while the model runs.
+Each opened session does its work, its audit event included, and commits.
 """
 
 import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Protocol, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.models import Batch, BatchItem, utcnow
+from app.domain import PredictionSource
 from app.errors import InvalidImageError
-from app.ml.classifier import Classifier
+from app.ml.classifier import Prediction
 from app.services import audit
-from app.services.actors import Actor
+from app.services.actors import worker_actor
 from app.services.batches import CLASSIFIED, FAILED, PROCESSING, QUEUED
 from app.services.images import ImageStore
 from app.services.predictions import prediction_row
 from app.services.registry import after_stored, weights_sha256_for
+
+
+class BatchClassifier(Protocol):
+    """What a worker needs of a model: a Classifier, or the LiveModels that follow the registry."""
+
+    def predict(self, images: Sequence[bytes]) -> list[Prediction]: ...
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,7 @@ def _in_qc_sample(item_id: int, abnormal_probability: float, settings: Settings)
 
 def process(
     factory: sessionmaker[Session],
-    classifier: Classifier,
+    classifier: BatchClassifier,
     store: ImageStore,
     settings: Settings,
     worker: str,
@@ -96,39 +110,40 @@ def process(
     completed = 0
     with factory() as session:
         stored = store.read_many(session, [lease.image_id for lease in leases if lease.image_id is not None])
-    images, readable = [], []
+    images: list[bytes] = []
+    readable: list[tuple[Lease, int]] = []
     for lease in leases:
-        data = stored.get(lease.image_id) if lease.image_id is not None else None
-        if data is None:
+        image_id = lease.image_id
+        data = stored.get(image_id) if image_id is not None else None
+        if image_id is None or data is None:
             completed += _fail(factory, lease, "the stored image is missing")
             continue
         images.append(data)
-        readable.append(lease)
+        readable.append((lease, image_id))
     del stored
-    results = []
+    results: list[Prediction | InvalidImageError] = []
     if readable:
         try:
-            results = classifier.predict(images)
+            results.extend(classifier.predict(images))
         except InvalidImageError:  # classify one by one to find the bad one
-            results = []
             for data in images:
                 try:
                     results.append(classifier.predict([data])[0])
                 except InvalidImageError as exc:
                     results.append(exc)
-    actor = Actor("worker", None, worker)
-    for lease, result, data in zip(readable, results, images, strict=True):
-        if isinstance(result, Exception):
+    actor = worker_actor(worker)
+    for (lease, image_id), result, data in zip(readable, results, images, strict=True):
+        if isinstance(result, InvalidImageError):
             completed += _fail(factory, lease, str(result))
             continue
         with factory() as session:
-            item = session.get(BatchItem, lease.item_id)
-            batch = session.get(Batch, item.batch_id)
+            item = session.get_one(BatchItem, lease.item_id)  # a leased item and its batch are never deleted
+            batch = session.get_one(Batch, item.batch_id)
             prediction = prediction_row(
                 result,
                 weights_sha256_for(classifier, result),
-                item.image_id,
-                "batch",
+                image_id,
+                PredictionSource.BATCH,
                 batch.accession_id,
                 item.filename,
                 user_id=batch.user_id,
@@ -152,12 +167,13 @@ def process(
                 )
                 .execution_options(synchronize_session=False)
             )
-            if done.rowcount != 1:
+            if cast(CursorResult[Any], done).rowcount != 1:  # an UPDATE answers with a CursorResult
                 session.rollback()  # the lease expired and another worker owns the item now
                 continue
             audit.record(
                 session, actor, "prediction.create", "prediction", prediction.id,
-                source="batch", batch_id=batch.id, item_id=lease.item_id, model_version=result.model_version,
+                source=PredictionSource.BATCH, batch_id=batch.id, item_id=lease.item_id,
+                model_version=result.model_version,
             )  # fmt: skip
             session.commit()
             completed += 1
@@ -174,4 +190,5 @@ def _fail(factory: sessionmaker[Session], lease: Lease, reason: str) -> int:
             .execution_options(synchronize_session=False)
         )
         session.commit()
-        return done.rowcount
+        changed: int = cast(CursorResult[Any], done).rowcount  # an UPDATE answers with a CursorResult
+        return changed

@@ -5,22 +5,31 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import RedirectResponse
-from sqlalchemy import select
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
 
-from app.api.batches import batch_form, incoming_files
-from app.api.deps import ContextDep, SessionDep
+from app.context import AppContext
 from app.db.models import Batch
+from app.domain import QueueOrder
 from app.errors import InputError, PapcadError, PermissionDeniedError
 from app.http import sessions as browser_sessions
+from app.http.deps import ContextDep, SessionDep
 from app.http.params import RecordId, bounded_id
+from app.http.uploads import batch_form, incoming_files
 from app.security import csrf_matches
-from app.services import audit
 from app.services import batches as service
+from app.services.actors import Actor
 from app.web.routes import PageActor, render
 
 router = APIRouter(include_in_schema=False)
-AUDITED_IDS = 1000  # a gallery's audit event names at most this many predictions (and counts all)
+
+
+def queue_order(value: str | None) -> QueueOrder:
+    """The queue's ranking from a query string (blank: by suspicion)."""
+    try:
+        return QueueOrder(value) if value else QueueOrder.SUSPICION
+    except ValueError as exc:
+        raise InputError("order must be 'suspicion', 'uncertainty' or 'position'") from exc
 
 
 def queue_filter(q: Mapping[str, str]) -> service.QueueFilter:
@@ -33,7 +42,7 @@ def queue_filter(q: Mapping[str, str]) -> service.QueueFilter:
             raise InputError(f"{key} must be a number between 0 and 1") from exc
 
     return service.QueueFilter(
-        order=q.get("order") or "suspicion",
+        order=queue_order(q.get("order")),
         unreviewed=q.get("unreviewed") == "1",
         predicted_class=q.get("class") or None,
         min_abnormal=number("min"),
@@ -63,20 +72,21 @@ def filter_query(flt: service.QueueFilter, batch_id: int | None) -> str:
 
 
 @router.get("/batches")
-def batches_page(request: Request, session: SessionDep, actor: PageActor):
+def batches_page(request: Request, session: SessionDep, actor: PageActor) -> HTMLResponse:
     return _batches_view(request, session, actor)
 
 
-def _batches_view(request: Request, session, actor, error: str | None = None, status: int = 200):
+def _batches_view(
+    request: Request, session: Session, actor: Actor, error: str | None = None, status: int = 200
+) -> HTMLResponse:
     """The intake form and recent batches (status and error are not for the query string)."""
-    rows = list(session.scalars(select(Batch).order_by(Batch.id.desc()).limit(50)))
+    rows = service.recent_batches(session, actor)
     progress = {b.id: service.progress(session, b.id) for b in rows}
-    audit.record_read(session, actor, "batch.list", "batch", None, page="batches", ids=[b.id for b in rows])
     return render(request, "batches.html", status, actor=actor, batches=rows, progress=progress, error=error)
 
 
 @router.post("/batches")
-async def submit_batch(request: Request, context: ContextDep, actor: PageActor):
+async def submit_batch(request: Request, context: ContextDep, session: SessionDep, actor: PageActor) -> Response:
     """Read the form here (not with FastAPI's parser) so a batch may hold PAPCAD_MAX_BATCH_ITEMS files."""
     try:
         async with batch_form(request, context.settings, "images") as form:
@@ -86,30 +96,27 @@ async def submit_batch(request: Request, context: ContextDep, actor: PageActor):
                 )
             files = incoming_files(context.settings, form.images, form.archive)
             batch = await run_in_threadpool(
-                service.create_batch, context.sessions, context.images, context.settings, actor, files,
+                service.create_batch, session, context.images, context.settings, actor, files,
                 form.text("name"), form.text("accession_id"),
             )  # fmt: skip
     except PermissionDeniedError:
         raise
     except PapcadError as exc:
-        with context.sessions() as session:
-            return _batches_view(request, session, actor, error=str(exc), status=422)
+        return _batches_view(request, session, actor, error=str(exc), status=422)
     context.work_arrived()
     return RedirectResponse(f"/batches/{batch.id}", status_code=303)
 
 
-def _gallery(request: Request, context, session, actor, batch: Batch | None):
+def _gallery(
+    request: Request, context: AppContext, session: Session, actor: Actor, batch: Batch | None
+) -> HTMLResponse:
+    error: str | None = None
     try:
         flt = queue_filter(request.query_params)
     except InputError as exc:
         flt, error = service.QueueFilter(), str(exc)
-    else:
-        error = None
     batch_id = batch.id if batch else None
-    items = service.queue_items(session, batch_id, flt, context.policy)
-    shown = [i.prediction_id for i in items if i.prediction_id is not None]
-    detail = {"filter": filter_query(flt, None), "count": len(shown), "prediction_ids": shown[:AUDITED_IDS]}
-    audit.record_read(session, actor, "queue.read", "batch", batch_id, **detail)
+    items = service.read_gallery(session, actor, batch_id, flt, context.policy, filter_query(flt, None))
     return render(
         request, "queue.html", actor=actor, batch=batch, items=items, flt=flt,
         progress=service.progress(session, batch.id) if batch else None,
@@ -119,10 +126,12 @@ def _gallery(request: Request, context, session, actor, batch: Batch | None):
 
 
 @router.get("/batches/{batch_id}")
-def batch_page(batch_id: RecordId, request: Request, context: ContextDep, session: SessionDep, actor: PageActor):
+def batch_page(
+    batch_id: RecordId, request: Request, context: ContextDep, session: SessionDep, actor: PageActor
+) -> HTMLResponse:
     return _gallery(request, context, session, actor, service.get_batch(session, batch_id))
 
 
 @router.get("/queue")
-def global_queue(request: Request, context: ContextDep, session: SessionDep, actor: PageActor):
+def global_queue(request: Request, context: ContextDep, session: SessionDep, actor: PageActor) -> HTMLResponse:
     return _gallery(request, context, session, actor, None)

@@ -1,20 +1,24 @@
 """The review view of one batch cell: buttons and keys to confirm or override, a comment, amendment
 with a reason, undo of one's last review within a minute, and where the cell stands (batch, case)."""
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.datastructures import QueryParams
 
-from app.api.deps import ContextDep, SessionDep
-from app.db.models import Batch, BatchItem
+from app.context import AppContext
+from app.db.models import Batch, BatchItem, Prediction
 from app.errors import ConflictError, InputError, NotFoundError, PermissionDeniedError
+from app.http.deps import ContextDep, SessionDep
 from app.http.params import RecordId
 from app.ml.classes import BETHESDA_HINT
 from app.services import batches as batch_service
 from app.services import cases, predictions, reviews
+from app.services.actors import Actor
 from app.web.batches import batch_of, filter_query, queue_filter
 from app.web.cases import case_url
 from app.web.routes import CsrfChecked, PageActor, render
@@ -22,35 +26,36 @@ from app.web.routes import CsrfChecked, PageActor, render
 router = APIRouter(include_in_schema=False)
 
 
-def _item(session, item_id: int) -> BatchItem:
+def _item(session: Session, item_id: int) -> tuple[BatchItem, Prediction]:
+    """A classified batch cell and its prediction; NotFoundError for any other id."""
     item = session.get(BatchItem, item_id)
     if item is None or item.prediction is None:
         raise NotFoundError(f"no classified cell {item_id}")
-    return item
-
-
-def _neighbours(session, policy, item: BatchItem, batch_id: int | None, flt: batch_service.QueueFilter):
-    ids = [i.id for i in batch_service.queue_items(session, batch_id, flt, policy) if i.prediction is not None]
-    if item.id not in ids:
-        return None, (ids[0] if ids else None), ids
-    at = ids.index(item.id)
-    return (ids[at - 1] if at > 0 else None), (ids[at + 1] if at + 1 < len(ids) else None), ids
+    return item, item.prediction
 
 
 def _review_view(
-    request: Request, context, session, actor, item: BatchItem, params, status_code: int = 200, **extra
-) -> Response:
+    request: Request,
+    context: AppContext,
+    session: Session,
+    actor: Actor,
+    item: BatchItem,
+    prediction_id: int,
+    params: Mapping[str, str],
+    status_code: int = 200,
+    **extra: Any,
+) -> HTMLResponse:
     batch_id, flt = batch_of(params), queue_filter(params)
-    previous, following, ids = _neighbours(session, context.policy, item, batch_id, flt)
-    prediction = predictions.read_prediction(session, actor, item.prediction.id)
+    near = batch_service.neighbours(session, item.id, batch_id, flt, context.policy)
+    prediction = predictions.read_prediction(session, actor, prediction_id)
     batch = session.get(Batch, item.batch_id)
     accession = prediction.accession_id or (batch.accession_id if batch else None)
     undo = reviews.undoable(session, actor)
     undo_item = session.scalar(select(BatchItem).where(BatchItem.prediction_id == undo.prediction_id)) if undo else None
     return render(
         request, "review.html", status_code, actor=actor, item=item, p=prediction, bethesda=BETHESDA_HINT,
-        final_label=predictions.final_label(prediction), previous=previous, following=following,
-        position=(ids.index(item.id) + 1 if item.id in ids else None), count=len(ids),
+        final_label=predictions.final_label(prediction), previous=near.previous, following=near.following,
+        position=near.position, count=near.count,
         query=filter_query(flt, batch_id), policy=context.policy, batch=batch, accession=accession,
         batch_progress=batch_service.progress(session, item.batch_id),
         case_progress=cases.review_progress(session, accession) if accession else None,
@@ -68,8 +73,9 @@ def review_page(
     session: SessionDep,
     actor: PageActor,
     error: str | None = None,
-):
-    return _review_view(request, context, session, actor, _item(session, item_id), request.query_params, error=error)
+) -> HTMLResponse:
+    item, prediction = _item(session, item_id)
+    return _review_view(request, context, session, actor, item, prediction.id, request.query_params, error=error)
 
 
 @router.post("/queue/items/{item_id}/review", dependencies=[CsrfChecked])
@@ -84,24 +90,25 @@ def review_item(
     comment: Annotated[str | None, Form()] = None,
     reason: Annotated[str | None, Form()] = None,
     query: Annotated[str, Form()] = "",
-):
+) -> Response:
     """Record the review (the button or key names the class: the model's call confirms, any other
     overrides), then go straight to the next cell of the same queue."""
-    item = _item(session, item_id)
+    item, prediction = _item(session, item_id)
     params = QueryParams(query)
     flt, batch_id = queue_filter(params), batch_of(params)
-    _, following, _ = _neighbours(session, context.policy, item, batch_id, flt)
-    model_call = item.prediction.predicted_class
+    following = batch_service.neighbours(session, item.id, batch_id, flt, context.policy).following
+    model_call = prediction.predicted_class
     if action is None:
         action = "confirm" if label in (None, "", model_call) else "override"
     try:
-        reviews.add_review(session, actor, item.prediction.id, action, label, comment, reason)
+        reviews.add_review(session, actor, prediction.id, action, label, comment, reason)
     except (InputError, PermissionDeniedError, ConflictError) as exc:
         session.rollback()
         status = {PermissionDeniedError: 403, ConflictError: 409}.get(type(exc), 422)
         return _review_view(
-            request, context, session, actor, item, params, status, error=str(exc), comment=comment, reason=reason
-        )
+            request, context, session, actor, item, prediction.id, params, status,
+            error=str(exc), comment=comment, reason=reason,
+        )  # fmt: skip
     if following:
         target = f"/queue/items/{following}?{query}"
     else:
@@ -119,14 +126,16 @@ def undo_item(
     review_id: Annotated[int, Form()],
     prediction_id: Annotated[int, Form()],
     query: Annotated[str, Form()] = "",
-):
+) -> Response:
     """Take back one's last review (within a minute) and show that cell again."""
-    item = _item(session, item_id)
+    item, cell_prediction = _item(session, item_id)
     try:
         reviews.undo_review(session, actor, prediction_id, review_id)
     except (InputError, PermissionDeniedError, ConflictError, NotFoundError) as exc:
         session.rollback()
-        return _review_view(request, context, session, actor, item, QueryParams(query), 409, error=str(exc))
+        return _review_view(
+            request, context, session, actor, item, cell_prediction.id, QueryParams(query), 409, error=str(exc)
+        )
     undone = session.scalar(select(BatchItem).where(BatchItem.prediction_id == prediction_id))
     target = f"/queue/items/{undone.id}?{query}" if undone else f"/predictions/{prediction_id}"
     return RedirectResponse(target, status_code=303)

@@ -1,22 +1,25 @@
 """HTML pages. Forms post back here; every change checks the session's CSRF token."""
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import select
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
 
-from app.api.deps import ContextDep, SessionDep, release, session_user
-from app.api.predictions import read_upload
+from app.context import AppContext
 from app.db.models import Prediction
+from app.domain import PredictionSource
 from app.errors import AuthenticationError, ConflictError, InputError, PapcadError, PermissionDeniedError
 from app.http import sessions as browser_sessions
+from app.http.deps import ContextDep, SessionDep, release, session_user
 from app.http.params import RecordId
 from app.ml.classes import BETHESDA_HINT, CLASS_LABELS, CLASS_NAMES, NORMAL_CLASSES
 from app.roles import Role
 from app.security import csrf_matches
-from app.services import accounts, audit, registry, reviews, web_sessions
+from app.services import accounts, registry, reviews, web_sessions
 from app.services import predictions as service
 from app.services.actors import Actor
 from app.services.text import strip_control_characters
@@ -49,12 +52,13 @@ PageActor = Annotated[Actor, Depends(page_actor)]
 CsrfChecked = Depends(check_csrf)
 
 
-def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     context.setdefault("actor", None)
     context.update(
         csrf=csrf_token(request), class_names=CLASS_NAMES, class_labels=CLASS_LABELS, normal_classes=NORMAL_CLASSES
     )
-    return request.app.state.templates.TemplateResponse(request, template, context, status_code=status_code)
+    templates: Jinja2Templates = request.app.state.templates
+    return templates.TemplateResponse(request, template, context, status_code=status_code)
 
 
 def _safe_next(target: str | None) -> str:
@@ -62,7 +66,9 @@ def _safe_next(target: str | None) -> str:
 
 
 @router.get("/login")
-def login_page(request: Request, session: SessionDep, next: str | None = None, changed: str | None = None):
+def login_page(
+    request: Request, session: SessionDep, next: str | None = None, changed: str | None = None
+) -> HTMLResponse:
     browser_sessions.current(request, session)  # a signed-in browser's form carries its session's token
     message = "Your password was changed: sign in with the new one." if changed else None
     return render(request, "login.html", next=_safe_next(next), message=message)
@@ -76,7 +82,7 @@ def login(
     username: Annotated[str, Form()],
     password: Annotated[str, Form()],
     next: Annotated[str | None, Form()] = None,
-):
+) -> Response:
     settings = context.settings
     address = browser_sessions.client_address(request)
     throttle, lifetime = accounts.ThrottlePolicy.of(settings), web_sessions.SessionPolicy.of(settings)
@@ -93,22 +99,21 @@ def login(
 
 
 @router.post("/logout", dependencies=[CsrfChecked])
-def logout(request: Request, session: SessionDep):
+def logout(request: Request, session: SessionDep) -> RedirectResponse:
     """End the session in the database too, so a copy of the cookie stops working at once."""
     web_sessions.end_session(session, browser_sessions.session_token(request), browser_sessions.client_address(request))
     browser_sessions.clear(request)
     return RedirectResponse("/login", status_code=303)
 
 
-def _home_view(request: Request, session, actor: Actor, status_code: int = 200, **extra) -> HTMLResponse:
+def _home_view(request: Request, session: Session, actor: Actor, status_code: int = 200, **extra: Any) -> HTMLResponse:
     """The upload form and the 20 newest results."""
-    recent = list(session.scalars(select(Prediction).order_by(Prediction.id.desc()).limit(20)))
-    audit.record_read(session, actor, "prediction.list", "prediction", None, page="home", ids=[p.id for p in recent])
+    recent = service.recent(session, actor)
     return render(request, "home.html", status_code, actor=actor, recent=recent, bethesda=BETHESDA_HINT, **extra)
 
 
 @router.get("/")
-def home(request: Request, session: SessionDep, actor: PageActor):
+def home(request: Request, session: SessionDep, actor: PageActor) -> HTMLResponse:
     return _home_view(request, session, actor)
 
 
@@ -116,28 +121,34 @@ def home(request: Request, session: SessionDep, actor: PageActor):
 async def upload(
     request: Request,
     context: ContextDep,
+    session: SessionDep,
     actor: PageActor,
     image: Annotated[UploadFile, File()],
     accession_id: Annotated[str | None, Form()] = None,
-):
+) -> Response:
     try:
         submission = service.Submission(
-            data=await read_upload(image, context.settings.max_upload_bytes),
-            source="web",
+            data=image.file,
+            source=PredictionSource.WEB,
             accession_id=accession_id,
             filename=strip_control_characters(image.filename),
         )
         prediction, _ = await run_in_threadpool(
-            service.create_prediction, context.sessions, context.batcher, context.images, context.settings, actor,
-            submission,
-        )  # fmt: skip
+            service.create_prediction, session, context.batcher, context.images, context.settings, actor, submission
+        )
     except PapcadError as exc:
-        with context.sessions() as session:
-            return _home_view(request, session, actor, 422, error=str(exc), accession_id=accession_id)
+        return _home_view(request, session, actor, 422, error=str(exc), accession_id=accession_id)
     return RedirectResponse(f"/predictions/{prediction.id}", status_code=303)
 
 
-def _prediction_view(request: Request, context, actor: Actor, prediction, error=None, status_code=200):
+def _prediction_view(
+    request: Request,
+    context: AppContext,
+    actor: Actor,
+    prediction: Prediction,
+    error: str | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
     return render(
         request, "prediction.html", status_code, actor=actor, p=prediction, bethesda=BETHESDA_HINT,
         final_label=service.final_label(prediction), error=error, policy=context.policy,
@@ -147,7 +158,7 @@ def _prediction_view(request: Request, context, actor: Actor, prediction, error=
 @router.get("/predictions/{prediction_id}")
 def prediction_page(
     prediction_id: RecordId, request: Request, context: ContextDep, session: SessionDep, actor: PageActor
-):
+) -> HTMLResponse:
     return _prediction_view(request, context, actor, service.read_prediction(session, actor, prediction_id))
 
 
@@ -162,7 +173,7 @@ def review(
     label: Annotated[str | None, Form()] = None,
     comment: Annotated[str | None, Form()] = None,
     reason: Annotated[str | None, Form()] = None,
-):
+) -> Response:
     try:
         reviews.add_review(session, actor, prediction_id, action, label, comment, reason)
     except (PermissionDeniedError, InputError, ConflictError) as exc:
@@ -184,15 +195,16 @@ def admin_actor(actor: PageActor) -> Actor:
 AdminActor = Annotated[Actor, Depends(admin_actor)]
 
 
-def _admin_action(request: Request, session, actor: Actor, action, error_status: int = 422) -> Response:
-    """Run one change for the admin page in its own transaction, then show the page with its outcome.
+def _admin_action(
+    request: Request, session: Session, actor: Actor, action: Callable[[], dict[str, str]], error_status: int = 422
+) -> Response:
+    """Run one change for the admin page (the service commits it), then show the page with its outcome.
 
-    `action()` returns what the page should show (a message, or a new key); a domain error rolls
-    everything back and is shown instead.
+    `action()` returns what the page should show (a message, or a new key); a domain error leaves
+    nothing changed and is shown instead.
     """
     try:
         shown = action()
-        session.commit()
     except PapcadError as exc:
         session.rollback()
         return _admin_with(request, session, actor, error_status, error=str(exc))
@@ -212,8 +224,8 @@ def admin_create_user(
     username: Annotated[str, Form()],
     password: Annotated[str, Form()],
     role: Annotated[str, Form()],
-):
-    def create() -> dict:
+) -> Response:
+    def create() -> dict[str, str]:
         accounts.create_user(session, actor, username, password, role)
         return {"message": f"User {username} created."}
 
@@ -227,8 +239,8 @@ def admin_set_active(
     actor: AdminActor,
     username: Annotated[str, Form()],
     active: Annotated[bool, Form()],
-):
-    def switch() -> dict:
+) -> Response:
+    def switch() -> dict[str, str]:
         accounts.set_user_active(session, actor, username, active)
         return {"message": f"User {username} {'reactivated' if active else 'deactivated'}."}
 
@@ -242,8 +254,8 @@ def admin_set_password(
     actor: AdminActor,
     username: Annotated[str, Form()],
     password: Annotated[str, Form()],
-):
-    def change() -> dict:
+) -> Response:
+    def change() -> dict[str, str]:
         accounts.set_password(session, actor, username, password)
         return {"message": f"Password of {username} changed; their open sessions have ended."}
 
@@ -251,8 +263,10 @@ def admin_set_password(
 
 
 @router.post("/admin/apikeys", dependencies=[CsrfChecked])
-def admin_create_key(request: Request, session: SessionDep, actor: AdminActor, name: Annotated[str, Form()]):
-    def create() -> dict:
+def admin_create_key(
+    request: Request, session: SessionDep, actor: AdminActor, name: Annotated[str, Form()]
+) -> Response:
+    def create() -> dict[str, str]:
         client, key = accounts.create_api_client(session, actor, name)
         return {"new_key": key, "new_key_name": client.name}
 
@@ -260,15 +274,17 @@ def admin_create_key(request: Request, session: SessionDep, actor: AdminActor, n
 
 
 @router.post("/admin/apikeys/revoke", dependencies=[CsrfChecked])
-def admin_revoke_key(request: Request, session: SessionDep, actor: AdminActor, name: Annotated[str, Form()]):
-    def revoke() -> dict:
+def admin_revoke_key(
+    request: Request, session: SessionDep, actor: AdminActor, name: Annotated[str, Form()]
+) -> Response:
+    def revoke() -> dict[str, str]:
         accounts.revoke_api_client(session, actor, name)
         return {"message": f"API key {name} revoked."}
 
     return _admin_action(request, session, actor, revoke, error_status=404)
 
 
-def _admin_with(request: Request, session, actor: Actor, status: int, **extra) -> Response:
+def _admin_with(request: Request, session: Session, actor: Actor, status: int, **extra: Any) -> Response:
     return render(
         request,
         "admin.html",
@@ -283,8 +299,10 @@ def _admin_with(request: Request, session, actor: Actor, status: int, **extra) -
 
 
 @router.post("/admin/models/promote", dependencies=[CsrfChecked])
-def admin_promote_model(request: Request, session: SessionDep, actor: AdminActor, version: Annotated[str, Form()]):
-    def promote() -> dict:
+def admin_promote_model(
+    request: Request, session: SessionDep, actor: AdminActor, version: Annotated[str, Form()]
+) -> Response:
+    def promote() -> dict[str, str]:
         registry.promote(session, actor, version)
         return {"message": f"Model {version} is now active; servers and workers switch within seconds."}
 
@@ -292,8 +310,8 @@ def admin_promote_model(request: Request, session: SessionDep, actor: AdminActor
 
 
 @router.post("/admin/models/rollback", dependencies=[CsrfChecked])
-def admin_rollback_model(request: Request, session: SessionDep, actor: AdminActor):
-    def rollback() -> dict:
+def admin_rollback_model(request: Request, session: SessionDep, actor: AdminActor) -> Response:
+    def rollback() -> dict[str, str]:
         row = registry.rollback(session, actor)
         return {"message": f"Rolled back: model {row.version} is active again."}
 

@@ -8,7 +8,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,8 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from app.config import Settings, get_settings
 from app.context import AppContext
@@ -55,26 +53,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _fresh_postgres_database() -> Iterator[str]:
-    base = os.environ.get("PAPCAD_TEST_POSTGRES_URL")
-    if not base:
-        pytest.fail("PAPCAD_TEST_POSTGRES_URL is not set: run the tests with `make test`, which starts PostgreSQL")
-    name = f"papcad_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
+def postgres_url(postgres_database) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test."""
-    yield from _fresh_postgres_database()
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -82,7 +65,8 @@ def database_url(request, tmp_path_factory) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'papcad.db'}"
     else:
-        yield from _fresh_postgres_database()
+        with request.getfixturevalue("postgres_database")() as url:
+            yield url
 
 
 @dataclass

@@ -144,13 +144,32 @@ def test_bad_batch_requests(live_server, herlev_image):
             files=[("image", (image.name, image.read_bytes())), ("archive", ("a.zip", zipped({"a": b"1"})))],
         )
         not_zip = client.post("/api/v1/batches", files={"archive": ("a.zip", b"plain text", "application/zip")})
-        unknown = client.get("/api/v1/batches/987654")
-        bad_order = client.get("/api/v1/batches/987654/items", params={"order": "random"})
+        existing = client.post("/api/v1/batches", files={"image": (image.name, image.read_bytes())})
+        assert existing.status_code == 202, existing.text
+        batch_id = existing.json()["id"]
+        # A well-formed id of no batch is 404, on every batch route; a malformed id is 422, whether or not
+        # a batch has that number; a malformed query on a batch that exists is 422.
+        unknown = {path: client.get(f"/api/v1/batches/987654{path}") for path in ("", "/items", "/export.csv")}
+        malformed_ids = {raw: client.get(f"/api/v1/batches/{raw}/items") for raw in ("abc", "0", "-1", str(2**31))}
+        bad_queries = {
+            name: client.get(f"/api/v1/batches/{batch_id}/items", params=params)
+            for name, params in {
+                "order": {"order": "random"},
+                "class": {"class": "no_such_class"},
+                "min_abnormal": {"min_abnormal": 1.5},
+                "limit": {"limit": 0},
+            }.items()
+        }
+        good_query = client.get(f"/api/v1/batches/{batch_id}/items", params={"order": "position"})
     assert neither.status_code == 422 and "either" in neither.json()["detail"]
     assert both.status_code == 422 and "either" in both.json()["detail"]
     assert not_zip.status_code == 422 and "not a valid zip" in not_zip.json()["detail"]
-    assert unknown.status_code == 404
-    assert bad_order.status_code in (404, 422)
+    for response in [*unknown.values(), *malformed_ids.values(), *bad_queries.values()]:
+        assert response.headers["content-type"].startswith("application/problem+json"), response.text
+    assert {path: r.status_code for path, r in unknown.items()} == {"": 404, "/items": 404, "/export.csv": 404}
+    assert {raw: r.status_code for raw, r in malformed_ids.items()} == dict.fromkeys(malformed_ids, 422)
+    assert {name: r.status_code for name, r in bad_queries.items()} == dict.fromkeys(bad_queries, 422)
+    assert good_query.status_code == 200 and good_query.json()["total"] == 1
     with live_server.anonymous() as anonymous:
         assert anonymous.post("/api/v1/batches", files={"image": (image.name, image.read_bytes())}).status_code == 401
 

@@ -18,6 +18,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from app.ml.classes import CLASS_LABELS, CLASS_NAMES
 from tests.server.conftest import PASSWORD
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = os.environ.get("PAPCAD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",

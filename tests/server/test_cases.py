@@ -6,11 +6,10 @@ import json
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from fhir.resources.R4B.bundle import Bundle
 from sqlalchemy import create_engine, inspect, text
 
-from app.db.migrate import PROJECT_ROOT, upgrade_to_head
+from app.db.migrate import alembic_config, upgrade_to_head
 from app.services.cases import Evidence, suggest
 from app.services.fhir import reference_problems
 from tests.server.test_batches import wait_until_done
@@ -269,9 +268,7 @@ def test_cases_migration_downgrades_and_upgrades_again(tmp_path, postgres_url):
     columns, up again restores them."""
     for url in (f"sqlite:///{tmp_path / 'm.db'}", postgres_url):
         upgrade_to_head(url)
-        config = Config(str(PROJECT_ROOT / "alembic.ini"))
-        config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+        config = alembic_config(url)
         command.downgrade(config, "0005")
         engine = create_engine(url)
         tables = set(inspect(engine).get_table_names())

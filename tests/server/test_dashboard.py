@@ -127,12 +127,24 @@ def other_class(call: str) -> str:
     return CIS if call != CIS else NS
 
 
-def hand_kappa(calls: list[str], finals: list[str]) -> float | None:
-    """Cohen's kappa from its definition, independent of scikit-learn."""
-    n = len(calls)
-    p_o = sum(a == b for a, b in zip(calls, finals, strict=True)) / n
-    p_e = sum(calls.count(k) * finals.count(k) for k in CLASS_NAMES) / n**2
+def hand_kappa(confusion: list[list[int]]) -> float | None:
+    """Cohen's kappa from its definition (rows: model call, columns: final label), independent of scikit-learn."""
+    n = sum(map(sum, confusion))
+    p_o = sum(confusion[k][k] for k in range(len(confusion))) / n
+    p_e = sum(sum(confusion[k]) * sum(row[k] for row in confusion) for k in range(len(confusion))) / n**2
     return None if p_e == 1 else (p_o - p_e) / (1 - p_e)
+
+
+def counts_of(group: dict | None) -> tuple[int, int, list[list[int]], dict[str, list[int]]]:
+    """(reviewed, agreed, confusion, {day: [reviewed, overridden]}) of a monitoring group; zeros for none."""
+    if group is None:
+        return 0, 0, [[0] * len(CLASS_NAMES) for _ in CLASS_NAMES], {}
+    days = {d["day"]: [d["reviewed"], d["overridden"]] for d in group["over_time"]}
+    return group["reviewed"], group["agreed"], group["confusion"], days
+
+
+def version_group(report: dict, version: str) -> dict | None:
+    return next((g for g in report["by_version"] if g["model_version"] == version), None)
 
 
 def page_numbers(html: str) -> tuple[dict[str, str], dict[tuple[str, str], int]]:
@@ -142,11 +154,13 @@ def page_numbers(html: str) -> tuple[dict[str, str], dict[tuple[str, str], int]]
 
 
 def test_dashboard_numbers_match_the_reviews_made(live_server, herlev_image, sign_in, bundled_classifier):
-    # This is the only test of the module that creates predictions: the server's numbers are ours.
-    assert live_server.count("predictions") == 0
+    # The server may hold reviews from other tests: the expected numbers are those counts plus ours.
     browser, csrf = sign_in(live_server, "pathologist")
     calls, finals, days = [], [], []
     try:
+        first_look = browser.get("/api/v1/monitoring")
+        assert first_look.status_code == 200, first_look.text
+        before = first_look.json()
         with live_server.client() as lis:
             for class_name, index, reviews in PLAN:
                 created = submit(lis, herlev_image(class_name, index))
@@ -166,33 +180,52 @@ def test_dashboard_numbers_match_the_reviews_made(live_server, herlev_image, sig
                     days.append(datetime.fromisoformat(review["created_at"].replace("Z", "+00:00")).date())
                     assert lis.get(f"/api/v1/predictions/{created['id']}").json()["final_label"] == review["label"]
 
-        # The expected numbers, from the definitions.
+        # The expected numbers, from the definitions: the counts before plus the reviews made here.
         n, agreed = len(calls), sum(a == b for a, b in zip(calls, finals, strict=True))
         assert (n, agreed) == (5, 3)  # confirm, confirm, override, override->confirm, confirm->override
-        confusion = [[0] * 7 for _ in CLASS_NAMES]
+        ours = [[0] * 7 for _ in CLASS_NAMES]
         for call, final in zip(calls, finals, strict=True):
-            confusion[CLASS_NAMES.index(call)][CLASS_NAMES.index(final)] += 1
-        per_day: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+            ours[CLASS_NAMES.index(call)][CLASS_NAMES.index(final)] += 1
+        our_days: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for call, final, day in zip(calls, finals, days, strict=True):
-            per_day[day.isoformat()][0] += 1
-            per_day[day.isoformat()][1] += call != final
-        kappa = hand_kappa(calls, finals)
+            our_days[day.isoformat()][0] += 1
+            our_days[day.isoformat()][1] += call != final
+
+        def expected(group_before: dict | None) -> tuple[int, int, list[list[int]], dict[str, list[int]]]:
+            reviewed, kept, confusion, per_day = counts_of(group_before)
+            confusion = [[a + b for a, b in zip(r1, r2, strict=True)] for r1, r2 in zip(confusion, ours, strict=True)]
+            per_day = {day: list(counts) for day, counts in per_day.items()}
+            for day, (r, o) in our_days.items():
+                per_day[day] = [per_day.get(day, [0, 0])[0] + r, per_day.get(day, [0, 0])[1] + o]
+            return reviewed + n, kept + agreed, confusion, per_day
 
         response = browser.get("/api/v1/monitoring")
         assert response.status_code == 200, response.text
         report = response.json()
-        assert len(report["by_version"]) == 1
-        for group in (report["overall"], report["by_version"][0]):
-            assert group["reviewed"] == 5 and group["agreed"] == 3
-            assert group["agreement_rate"] == pytest.approx(0.6) and group["override_rate"] == pytest.approx(0.4)
+        version = bundled_classifier.version
+        assert {g["model_version"] for g in report["by_version"]} == {
+            *(g["model_version"] for g in before["by_version"]),
+            version,
+        }
+        pairs = [
+            (report["overall"], before["overall"]),
+            (version_group(report, version), version_group(before, version)),
+        ]
+        for group, group_before in pairs:
+            reviewed, kept, confusion, per_day = expected(group_before)
+            kappa = hand_kappa(confusion)
+            assert group["reviewed"] == reviewed and group["agreed"] == kept
+            assert group["agreement_rate"] == pytest.approx(kept / reviewed)
+            assert group["override_rate"] == pytest.approx(1 - kept / reviewed)
             assert group["kappa"] == (None if kappa is None else pytest.approx(kappa))
             assert group["confusion"] == confusion
-            assert {d["day"]: [d["reviewed"], d["overridden"]] for d in group["over_time"]} == dict(per_day)
+            assert {d["day"]: [d["reviewed"], d["overridden"]] for d in group["over_time"]} == per_day
             for pc in group["per_class"]:
                 row = confusion[CLASS_NAMES.index(pc["class_name"])]
                 assert pc["called"] == sum(row) and pc["confirmed"] == row[CLASS_NAMES.index(pc["class_name"])]
-        assert report["by_version"][0]["model_version"] == bundled_classifier.version
         assert report["overall"]["model_version"] is None
+        reviewed, kept, confusion, per_day = expected(before["overall"])
+        kappa = hand_kappa(confusion)
 
         # A period after the last review has nothing in it; a reversed period is refused.
         later = (max(days) + timedelta(days=1)).isoformat()
@@ -208,7 +241,8 @@ def test_dashboard_numbers_match_the_reviews_made(live_server, herlev_image, sig
         assert f'data-version="{bundled_classifier.version}"' in page.text and "<svg" in page.text
         assert 'href="/dashboard"' in page.text
         shown, cells = page_numbers(page.text)
-        assert shown["reviewed"] == "5" and float(shown["override_rate"]) == pytest.approx(0.4)
+        assert shown["reviewed"] == str(reviewed)
+        assert float(shown["override_rate"]) == pytest.approx(1 - kept / reviewed)
         assert (shown["kappa"] == "") if kappa is None else float(shown["kappa"]) == pytest.approx(kappa)
         assert cells == {(r, c): confusion[i][j] for i, r in enumerate(CLASS_NAMES) for j, c in enumerate(CLASS_NAMES)}
         assert page.text.count('<rect class="bar"') == len(per_day)

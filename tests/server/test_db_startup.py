@@ -36,6 +36,7 @@ def test_a_reachable_database_and_sqlite_return_at_once(database_url):
     wait_for_database(database_url, timeout_seconds=0)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("command", ["migrate", "serve", "worker"])
 def test_commands_exit_with_one_line_when_the_database_stays_away(command, tmp_path):
     env = {

@@ -8,14 +8,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, inspect, text
 
-from app.config import PROJECT_ROOT
+from app.db.migrate import alembic_config
 
 
 def _alembic(url: str) -> Config:
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return config
+    return alembic_config(url)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -209,7 +209,8 @@ def test_a_worker_reads_images_from_the_database_only(
 ):
     files = [batches.IncomingFile(f"{c}.bmp", herlev_image(c, 50).read_bytes()) for c in CLASSES[:3]]
     context = small_server.context
-    batch = batches.create_batch(context.sessions, context.images, context.settings, SYSTEM, files, "db only", None)
+    with context.sessions() as session:
+        batch = batches.create_batch(session, context.images, context.settings, SYSTEM, files, "db only", None)
     # A worker elsewhere: its own engine and settings, and a data folder that holds nothing.
     settings = Settings(data_dir=tmp_path / "elsewhere", database_url=database_url, embedded_worker=False)
     engine = make_engine(database_url)

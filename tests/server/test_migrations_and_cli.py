@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
@@ -30,6 +31,7 @@ def papcad(args, env, stdin=""):
     )
 
 
+@pytest.mark.cli
 def test_user_and_apikey_commands(database_url, tmp_path):
     env = {**os.environ, "DATABASE_URL": database_url, "PAPCAD_DATA_DIR": str(tmp_path)}
     created = papcad(["user", "create", "--username", "dr.jensen", "--role", "pathologist"], env, "a-long-password\n")

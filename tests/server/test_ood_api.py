@@ -8,13 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from alembic import command
-from alembic.config import Config
 from fhir.resources.R4B.bundle import Bundle
 from PIL import Image
 from sqlalchemy import create_engine, inspect
 
-from app.config import PROJECT_ROOT
-from app.db.migrate import upgrade_to_head
+from app.db.migrate import alembic_config, upgrade_to_head
 from app.services import fhir
 from app.services.calls import CallPolicy
 from app.services.predictions import get_prediction
@@ -50,18 +48,14 @@ def posted(live_server) -> dict[str, dict]:
     with live_server.client() as client:
         for name, data in named_non_cells().items():
             response = post(client, name, data)
-            assert response.status_code in (201, 422), response.text
-            if response.status_code == 422:
-                assert response.headers["content-type"].startswith("application/problem+json")
+            # Each decodes as an image: it is stored and called, and flagged for review (never refused).
+            assert response.status_code == 201, response.text
             results[name] = {"status": response.status_code, **response.json()}
     return results
 
 
-def test_named_non_cells_are_refused_or_need_review_with_a_reason(posted):
+def test_named_non_cells_are_stored_and_need_review_with_a_reason(posted):
     for name, body in posted.items():
-        if body["status"] == 422:
-            assert body["detail"], name
-            continue
         assert body["needs_review"] is True, name
         assert body["review_reasons"], name
         assert body["in_distribution"] is False or body["input_flags"], name
@@ -190,9 +184,7 @@ def test_review_reasons_disagreement_near_cutoff_ood_and_flags():
 def test_migration_0005_adds_and_removes_the_columns(backend, tmp_path, request):
     url = f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     upgrade_to_head(url)
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config = alembic_config(url)
     engine = create_engine(url)
 
     def columns() -> set[str]:

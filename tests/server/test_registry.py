@@ -9,6 +9,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -17,8 +18,10 @@ from app.db.migrate import upgrade_to_head
 from app.db.models import AuditEvent, ModelVersion, Prediction, ShadowPrediction
 from app.db.session import make_engine, make_session_factory
 from app.errors import ConflictError, PermissionDeniedError
-from app.ml.artifact import read_card, write_card
+from app.ml.artifact import read_card, sha256_file, write_card
 from app.ml.classes import CLASS_NAMES
+from app.ml.classifier import Classifier
+from app.ml.explain import GradCam, heatmap_png
 from app.services import registry, site_data
 from app.services.actors import SYSTEM, Actor
 
@@ -61,6 +64,8 @@ def candidate_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # shadow calls, promotion and rollback through `papcad` and a live server
+@pytest.mark.cli
 def test_shadow_promote_and_rollback_without_restart(live_server, candidate_dir, herlev_image, sign_in):
     server = live_server
     bundled = server.context.classifier
@@ -146,6 +151,97 @@ def test_shadow_promote_and_rollback_without_restart(live_server, candidate_dir,
     assert statuses == {bundled.version: "active", "tiny-candidate": "retired"}
 
 
+@pytest.fixture(scope="module")
+def low_cutoff_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A registrable model of its own (other weights, same calls) whose card sets a very different cut-off."""
+    out = tmp_path_factory.mktemp("models") / "tiny-low-cutoff"
+    shutil.copytree(tiny_model_dir, out)
+    with np.load(out / "weights.npz") as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    arrays["head/bias"] = arrays["head/bias"] + np.float16(0.5)  # a shift softmax ignores: new weights, same calls
+    with open(out / "weights.npz", "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    card = read_card(out)
+    card.update(
+        version="tiny-low-cutoff",
+        weights_sha256=sha256_file(out / "weights.npz"),
+        abnormal_threshold={"value": 0.05, "chosen_on": "validation", "target_sensitivity": 0.95},
+    )
+    write_card(out, card)
+    return out
+
+
+def drawn_by(model: Classifier, image_path: Path, class_name: str) -> bytes:
+    return heatmap_png(
+        GradCam(model.predictor.model), image_path.read_bytes(), model.spec, CLASS_NAMES.index(class_name)
+    )
+
+
+@pytest.mark.slow  # promotes a second model on a live server and draws heatmaps with both
+def test_each_call_is_read_and_explained_by_the_model_that_made_it(live_server, low_cutoff_dir, herlev_image):
+    """After a promotion new calls use the new model's cut-off and version, earlier calls keep theirs (in the
+    API, the needs-review reasons and the queue's SQL filter alike), and a heatmap is drawn by the model that
+    made the call: a retired model is loaded again for it, and when its files are gone the heatmap is refused."""
+    server = live_server
+    cell = herlev_image("moderate_dysplastic", 2)
+    with server.context.sessions() as session:
+        active = registry.active_version(session)
+        bundled = Classifier.load(Path(active.directory))
+    earlier = upload(server, cell)
+    assert earlier["model_version"] == bundled.version
+    assert earlier["abnormal_threshold"] == pytest.approx(bundled.abnormal_threshold)
+
+    with server.context.sessions() as session:
+        registry.register(session, SYSTEM, low_cutoff_dir)
+        registry.promote(session, SYSTEM, "tiny-low-cutoff")
+    later = wait_for_version(server, cell, "tiny-low-cutoff")
+    assert later["model_version"] == "tiny-low-cutoff"
+    assert later["abnormal_threshold"] == 0.05
+    assert later["abnormal_call"] == ("abnormal" if later["abnormal_probability"] >= 0.05 else "normal")
+    with server.client() as client:
+        kept = client.get(f"/api/v1/predictions/{earlier['id']}").json()
+        ready = client.get("/readyz").json()
+    assert ready["model_version"] == "tiny-low-cutoff"
+    assert kept["abnormal_threshold"] == pytest.approx(bundled.abnormal_threshold)
+    assert (kept["abnormal_call"], kept["review_reasons"]) == (earlier["abnormal_call"], earlier["review_reasons"])
+
+    policy = server.context.policy
+    assert policy.abnormal_threshold == 0.05
+    with server.context.sessions() as session:
+        rows = list(session.scalars(select(Prediction)))
+        by_sql = set(session.scalars(select(Prediction.id).where(policy.needs_review_clause())))
+    assert {r.model_version for r in rows} >= {bundled.version, "tiny-low-cutoff"}
+    assert by_sql == {r.id for r in rows if policy.needs_review(r)}
+
+    with server.client() as client:
+        old_map = client.get(f"/api/v1/predictions/{earlier['id']}/heatmap")
+        new_map = client.get(f"/api/v1/predictions/{later['id']}/heatmap")
+    assert old_map.status_code == new_map.status_code == 200
+    assert old_map.content == drawn_by(bundled, cell, earlier["predicted_class"])
+    tiny = Classifier.load(low_cutoff_dir)
+    assert new_map.content == drawn_by(tiny, cell, later["predicted_class"]) != old_map.content
+
+    rolled = papcad(["model", "rollback"], server.context.settings.effective_database_url, server.data_dir)
+    assert rolled.returncode == 0, rolled.stderr
+    assert wait_for_version(server, cell, bundled.version)["abnormal_threshold"] == pytest.approx(
+        bundled.abnormal_threshold
+    )
+    # The retired model's files are gone: its call cannot be explained by another model, so it is refused.
+    weights = low_cutoff_dir / "weights.npz"
+    kept_weights = weights.read_bytes()
+    weights.unlink()
+    other_class = next(name for name in CLASS_NAMES if name != later["predicted_class"])
+    with server.client() as client:
+        refused = client.get(f"/api/v1/predictions/{later['id']}/heatmap", params={"class": other_class})
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert "tiny-low-cutoff" in refused.json()["detail"] and "can no longer be loaded" in refused.json()["detail"]
+    weights.write_bytes(kept_weights)
+    with server.client() as client:
+        again = client.get(f"/api/v1/predictions/{later['id']}/heatmap", params={"class": other_class})
+    assert again.status_code == 200 and again.content == drawn_by(tiny, cell, other_class)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def empty_database(request, tmp_path) -> str:
     if request.param == "sqlite":
@@ -200,15 +296,12 @@ def test_startup_rule_and_refusals(empty_database, bundled_classifier, candidate
 
 def test_registry_migration_downgrades_and_upgrades(empty_database):
     from alembic import command
-    from alembic.config import Config
     from sqlalchemy import create_engine, inspect
 
-    from app.config import PROJECT_ROOT
+    from app.db.migrate import alembic_config
 
     upgrade_to_head(empty_database)
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", empty_database.replace("%", "%%"))
+    config = alembic_config(empty_database)
     engine = create_engine(empty_database)
     try:
         command.downgrade(config, "0006")

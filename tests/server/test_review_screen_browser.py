@@ -19,6 +19,8 @@ from tests.server.test_batches import wait_until_done
 from tests.server.test_browser import TIMEOUT_MS, browser, database_url  # noqa: F401 (fixtures)
 from tests.server.test_browser import sign_in as browser_sign_in
 
+pytestmark = pytest.mark.browser
+
 ACCESSION = "S26-SCREEN-1"
 CELLS = [("carcinoma_in_situ", 5), ("normal_intermediate", 5), ("light_dysplastic", 5), ("normal_superficiel", 5)]
 PHONE = {"width": 390, "height": 844}

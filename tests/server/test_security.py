@@ -242,6 +242,7 @@ def test_admin_page_refuses_weak_passwords(live_server, password, words):
     admin.close()
 
 
+@pytest.mark.cli
 def test_cli_refuses_weak_passwords(database_url, tmp_path):
     env = {**os.environ, "DATABASE_URL": database_url, "PAPCAD_DATA_DIR": str(tmp_path)}
 

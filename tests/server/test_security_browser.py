@@ -11,6 +11,8 @@ from playwright.sync_api import Browser, sync_playwright
 
 from tests.server.conftest import PASSWORD
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = os.environ.get("PAPCAD_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-sync"]
 

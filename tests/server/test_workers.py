@@ -7,12 +7,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 from sqlalchemy import text
 
 from app.config import Settings
 from app.context import AppContext
 from app.services import batches
 from app.services.actors import SYSTEM
+
+pytestmark = [pytest.mark.slow, pytest.mark.workers, pytest.mark.cli]
 
 CLASSES = ["normal_intermediate", "normal_columnar", "light_dysplastic", "moderate_dysplastic", "carcinoma_in_situ"]
 
@@ -35,7 +38,8 @@ def test_killed_worker_loses_nothing_and_nothing_is_classified_twice(
     files = [
         batches.IncomingFile(p.name, p.read_bytes()) for c in CLASSES for p in [herlev_image(c, i) for i in range(6)]
     ]
-    batch = batches.create_batch(context.sessions, context.images, settings, SYSTEM, files, "kill test", "S26-KILL")
+    with context.sessions() as session:
+        batch = batches.create_batch(session, context.images, settings, SYSTEM, files, "kill test", "S26-KILL")
 
     # The workers share only the database with the server: their data folder is another, empty one.
     other = tmp_path / "worker-data"

@@ -1,4 +1,5 @@
-"""Request dependencies: the database session, and who is calling (API key or signed-in user)."""
+"""Request dependencies shared by the REST API and the pages: the app context, the database session,
+and who is calling (API key or signed-in user)."""
 
 from collections.abc import Iterator
 from typing import Annotated
@@ -18,7 +19,8 @@ SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
 def get_context(request: Request) -> AppContext:
-    return request.app.state.context
+    context: AppContext = request.app.state.context
+    return context
 
 
 def get_session(context: Annotated[AppContext, Depends(get_context)]) -> Iterator[Session]:
