@@ -24,6 +24,7 @@ def run(command: list[str], **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.cli
+@pytest.mark.slow
 def test_papcad_predict_shows_results_and_errors_without_tensorflow_notices(
     tiny_model_dir: Path, herlev_one_per_class: dict[str, Path], tmp_path: Path
 ) -> None:

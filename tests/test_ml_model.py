@@ -127,6 +127,7 @@ def test_unknown_backbone_source_is_refused():
 # --- float16 weight files -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_save_and_load_weights_round_trip_in_float16(tmp_path):
     keras.utils.set_random_seed(1)
     original = build_model(SIZE)

@@ -159,6 +159,7 @@ def test_named_non_cells_are_out_of_distribution_or_flagged(refit, request):
     assert noise.in_distribution is False and noise.ood_score > 1  # caught by the features, not by the checks
 
 
+@pytest.mark.slow
 def test_shipped_model_calls_most_herlev_cells_typical(herlev_dir):
     classifier = Classifier.load(DEFAULT_MODEL_DIR)
     paths = [p for name in CLASS_NAMES for p in sorted((herlev_dir / name).glob("*.BMP"))[:3]]

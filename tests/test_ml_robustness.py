@@ -127,6 +127,7 @@ def small_herlev(herlev_dir, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_robustness_run_writes_every_shift_with_plausible_metrics(tiny_model_dir, small_herlev, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)

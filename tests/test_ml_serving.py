@@ -60,6 +60,7 @@ def pixels(tiny, herlev_one_per_class) -> np.ndarray:
     return prepare_batch([path.read_bytes() for path in herlev_one_per_class.values()], tiny.spec)
 
 
+@pytest.mark.slow
 def test_the_server_starts_without_matplotlib_and_states_its_precision(tiny_model_dir, tmp_path):
     # bfloat16 forced: the setting reaches every load and /readyz (it runs, if slowly, on any CPU).
     env = {"PAPCAD_INFERENCE_PRECISION": "bfloat16"}
@@ -101,6 +102,7 @@ def test_a_wrong_precision_setting_is_refused_as_such(tiny_model_dir, monkeypatc
         Classifier.load(tiny_model_dir)
 
 
+@pytest.mark.slow
 def test_bfloat16_runs_the_same_weights_in_bfloat16(tiny, tiny_model_dir, pixels):
     half = Classifier.load(tiny_model_dir, precision="bfloat16")
     assert half.predictor.precision == "bfloat16" and tiny.predictor.precision == "float32"
@@ -136,6 +138,7 @@ def test_flips4_is_the_four_flips_and_a_subset_of_dihedral8():
     assert set(VIEW_INDICES["flips4"]) < set(VIEW_INDICES["dihedral8"])
 
 
+@pytest.mark.slow
 def test_tta_choice_states_accuracy_auc_and_cost_of_each_setting(tiny, pixels):
     per_view = Predictor(tiny.predictor.model, "dihedral8").per_view(pixels)[0]
     assert per_view.shape == (8, len(pixels), 7)

@@ -32,6 +32,7 @@ def papcad(args, env, stdin=""):
 
 
 @pytest.mark.cli
+@pytest.mark.slow
 def test_user_and_apikey_commands(database_url, tmp_path):
     env = {**os.environ, "DATABASE_URL": database_url, "PAPCAD_DATA_DIR": str(tmp_path)}
     created = papcad(["user", "create", "--username", "dr.jensen", "--role", "pathologist"], env, "a-long-password\n")
