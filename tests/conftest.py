@@ -12,6 +12,7 @@ Sections: ML core, then marks. Server fixtures live in tests/server/conftest.py.
 #                         accepts (session-scoped: copy it before changing anything in it)
 # =============================================================================
 
+import io
 import json
 import os
 import uuid
@@ -19,7 +20,9 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -82,6 +85,26 @@ def _postgres_database(prefix: str = "papcad_test", template: str | None = None)
 def postgres_database() -> Callable[..., AbstractContextManager[str]]:
     """`with postgres_database(prefix, template=None) as url:` a throwaway database on the test server."""
     return _postgres_database
+
+
+@pytest.fixture(scope="session")
+def non_cell_images() -> dict[str, bytes]:
+    """The inputs the "not a typical cell" guard must refuse or flag (PNG bytes): noise, a flat square,
+    a 1x1 image, a 16-bit gradient."""
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rng = np.random.default_rng(5)
+    gradient = np.linspace(0, 65535, 160 * 120).reshape(120, 160).astype(np.uint16)
+    return {
+        "random noise": png(Image.fromarray(rng.integers(0, 256, (150, 150, 3), dtype=np.uint8))),
+        "flat grey square": png(Image.new("RGB", (128, 128), (128, 128, 128))),
+        "1x1 image": png(Image.new("RGB", (1, 1), (200, 120, 160))),
+        "16-bit gradient": png(Image.fromarray(gradient)),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -26,18 +26,6 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def named_non_cells() -> dict[str, bytes]:
-    """The inputs that must be refused or flagged: noise, a flat square, a 1x1 image, a 16-bit gradient."""
-    rng = np.random.default_rng(5)
-    gradient = np.linspace(0, 65535, 160 * 120).reshape(120, 160).astype(np.uint16)
-    return {
-        "random noise": png(Image.fromarray(rng.integers(0, 256, (150, 150, 3), dtype=np.uint8))),
-        "flat grey square": png(Image.new("RGB", (128, 128), (128, 128, 128))),
-        "1x1 image": png(Image.new("RGB", (1, 1), (200, 120, 160))),
-        "16-bit gradient": png(Image.fromarray(gradient)),
-    }
-
-
 # --- input checks -----------------------------------------------------------------------------------------------
 
 
@@ -48,8 +36,8 @@ def flags_of(data: bytes | Image.Image) -> list[str]:
     return input_flags(as_sent(data), decode_image(data))
 
 
-def test_input_checks_name_what_is_odd():
-    inputs = named_non_cells()
+def test_input_checks_name_what_is_odd(non_cell_images):
+    inputs = non_cell_images
     assert any("too small (1x1 px" in f for f in flags_of(inputs["1x1 image"]))
     assert any("nearly uniform" in f for f in flags_of(inputs["flat grey square"]))
     assert any("16-bit image (mode I;16)" in f for f in flags_of(inputs["16-bit gradient"]))
@@ -148,10 +136,10 @@ def test_fit_writes_a_verified_ood_file_and_its_numbers(refitted_model):
 @pytest.mark.parametrize(
     "refit", [pytest.param(True, marks=pytest.mark.slow), False], ids=["refitted-on-a-subset", "shipped-ood-file"]
 )
-def test_named_non_cells_are_out_of_distribution_or_flagged(refit, request):
+def test_named_non_cells_are_out_of_distribution_or_flagged(refit, request, non_cell_images):
     model_dir = request.getfixturevalue("refitted_model")[0] if refit else DEFAULT_MODEL_DIR
     classifier = Classifier.load(model_dir)
-    inputs = named_non_cells()
+    inputs = non_cell_images
     for name, prediction in zip(inputs, classifier.predict(list(inputs.values())), strict=True):
         assert prediction.in_distribution is not None, name
         assert prediction.in_distribution is False or prediction.input_flags, (name, prediction)
@@ -169,7 +157,9 @@ def test_shipped_model_calls_most_herlev_cells_typical(herlev_dir):
 
 
 @pytest.mark.slow
-def test_a_tampered_ood_file_is_refused_and_a_model_without_one_still_loads(refitted_model, tiny_model_dir, tmp_path):
+def test_a_tampered_ood_file_is_refused_and_a_model_without_one_still_loads(
+    refitted_model, tiny_model_dir, tmp_path, non_cell_images
+):
     broken = tmp_path / "broken"
     shutil.copytree(refitted_model[0], broken)
     with open(broken / OOD_FILE, "ab") as handle:
@@ -181,6 +171,6 @@ def test_a_tampered_ood_file_is_refused_and_a_model_without_one_still_loads(refi
         Classifier.load(broken)
     tiny = Classifier.load(tiny_model_dir)
     assert tiny.ood is None
-    prediction = tiny.predict([named_non_cells()["1x1 image"]])[0]
+    prediction = tiny.predict([non_cell_images["1x1 image"]])[0]
     assert prediction.in_distribution is None and prediction.ood_score is None
     assert prediction.input_flags and "too small" in prediction.input_flags[0]

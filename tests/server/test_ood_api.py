@@ -1,15 +1,12 @@
 """Non-cells over real HTTP (SQLite and PostgreSQL): refused, or sent to review with a reason wherever shown."""
 
-import io
 import json
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 from alembic import command
 from fhir.resources.R4B.bundle import Bundle
-from PIL import Image
 from sqlalchemy import create_engine, inspect
 
 from app.db.migrate import alembic_config, upgrade_to_head
@@ -20,21 +17,17 @@ from app.services.predictions import get_prediction
 OOD_COLUMNS = {"in_distribution", "ood_score", "input_flags"}
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+# Upload names of the conftest's non-cell images.
+FILES = {
+    "noise.png": "random noise",
+    "flat.png": "flat grey square",
+    "dot.png": "1x1 image",
+    "gradient16.png": "16-bit gradient",
+}
 
 
-def named_non_cells() -> dict[str, bytes]:
-    rng = np.random.default_rng(11)
-    gradient = np.linspace(0, 65535, 160 * 120).reshape(120, 160).astype(np.uint16)
-    return {
-        "noise.png": png(Image.fromarray(rng.integers(0, 256, (150, 150, 3), dtype=np.uint8))),
-        "flat.png": png(Image.new("RGB", (128, 128), (128, 128, 128))),
-        "dot.png": png(Image.new("RGB", (1, 1), (200, 120, 160))),
-        "gradient16.png": png(Image.fromarray(gradient)),
-    }
+def named_non_cells(non_cell_images: dict[str, bytes]) -> dict[str, bytes]:
+    return {file: non_cell_images[name] for file, name in FILES.items()}
 
 
 def post(client, name: str, data: bytes):
@@ -42,11 +35,11 @@ def post(client, name: str, data: bytes):
 
 
 @pytest.fixture(scope="module")
-def posted(live_server) -> dict[str, dict]:
+def posted(live_server, non_cell_images) -> dict[str, dict]:
     """Each named non-cell posted once: name -> response JSON (with its status code)."""
     results = {}
     with live_server.client() as client:
-        for name, data in named_non_cells().items():
+        for name, data in named_non_cells(non_cell_images).items():
             response = post(client, name, data)
             # Each decodes as an image: it is stored and called, and flagged for review (never refused).
             assert response.status_code == 201, response.text
@@ -97,8 +90,8 @@ def wait_until_done(client, batch_id: int, timeout: float = 300) -> None:
     raise AssertionError(f"batch {batch_id} not done in {timeout} s")
 
 
-def test_queue_filter_needs_review_is_the_same_rule_as_the_items(live_server, herlev_image, sign_in):
-    inputs = named_non_cells()
+def test_queue_filter_needs_review_is_the_same_rule_as_the_items(live_server, herlev_image, sign_in, non_cell_images):
+    inputs = named_non_cells(non_cell_images)
     cells = [
         herlev_image(c, i) for c in ("normal_superficiel", "carcinoma_in_situ", "light_dysplastic") for i in (1, 2)
     ]
