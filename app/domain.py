@@ -67,5 +67,5 @@ class QueueOrder(StrEnum):
     """How the review queue is ranked."""
 
     SUSPICION = "suspicion"  # highest P(abnormal) first
-    UNCERTAINTY = "uncertainty"  # P(abnormal) nearest 0.5 first
+    UNCERTAINTY = "uncertainty"  # P(abnormal) nearest the cut-off of the model that made the call first
     POSITION = "position"  # submission order

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common import BENCH_DIR, HERLEV_DIR, REPO_ROOT, machine_info, write_json
 
-from app.config import Settings
+from app.config import BUNDLED_MODEL, Settings
 from app.db.migrate import upgrade_to_head
 from app.db.session import make_engine, make_session_factory
 from app.ml.batching import DynamicBatcher
@@ -125,7 +125,7 @@ def clean_site_test(base_dir: Path, adapted_dir: Path, test: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="Empty folder for the database and the model.")
-    parser.add_argument("--model", type=Path, default=REPO_ROOT / "model_store" / "resnet50-herlev-r128-v2")
+    parser.add_argument("--model", type=Path, default=REPO_ROOT / BUNDLED_MODEL)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--out", type=Path, default=None, help="Adapted model directory; default: <work>/adapted.")

@@ -96,6 +96,6 @@ def test_adapt_writes_a_loadable_versioned_model(site_cells, tiny_model_dir, tmp
     assert ood["sha256"] == sha256_file(out / "ood.npz")
     assert ood["fitted_on"]["n"] == split["train"]["cells"] and ood["cutoff"]["n"] == split["validation"]["cells"]
     assert ood["evaluation"]["n"] == split["test"]["cells"] and 0 <= ood["evaluation"]["auroc_overall"] <= 1
-    assert loaded.ood is not None and loaded.ood.cutoff == pytest.approx(ood["cutoff"]["distance"], rel=1e-6)
+    assert loaded.ood is not None and loaded.ood.cutoff == pytest.approx(ood["cutoff"]["score"], rel=1e-6)
     assert prediction.in_distribution is not None and prediction.ood_score is not None
     assert len(adaptation["history"]["validation_score"]) == FAST.epochs

@@ -82,11 +82,36 @@ def test_feature_distance_keeps_95_percent_of_validation_and_rejects_far_points(
     assert distance.scores(far)[0] > 1 and distance.scores(midway)[0] > 1
     distance.save(tmp_path / OOD_FILE)
     loaded = FeatureDistance.load(tmp_path / OOD_FILE)
-    assert loaded.precision.dtype == np.float32 and loaded.means.shape == (3, 16)
+    assert loaded.dims == (16,) and loaded.stages[0].precision.dtype == np.float32
     assert np.allclose(loaded.scores(val), distance.scores(val), rtol=1e-4)
     np.savez(tmp_path / "other.npz", weights=np.zeros(3))
     with pytest.raises(ValueError, match="not an OOD model"):
         FeatureDistance.load(tmp_path / "other.npz")
+
+
+def test_a_point_typical_in_the_last_stage_but_not_in_an_earlier_one_is_not_typical(tmp_path: Path):
+    """The case the stages are for: what the final features learnt to ignore, an earlier stage still sees."""
+    rng = np.random.default_rng(1)
+    early_centres, late_centres = rng.normal(0, 5, (2, 8)), rng.normal(0, 5, (2, 32))
+    labels = np.repeat(np.arange(2), 300)
+
+    def cells(classes: np.ndarray) -> np.ndarray:
+        n = len(classes)
+        return np.c_[
+            early_centres[classes] + rng.normal(0, 1, (n, 8)), late_centres[classes] + rng.normal(0, 1, (n, 32))
+        ]
+
+    distance = FeatureDistance.fit(cells(labels), labels, dims=(8, 32)).with_cutoff(cells(np.repeat([0, 1], 200)))
+    assert distance.dims == (8, 32)
+    assert np.mean(distance.scores(cells(np.repeat([0, 1], 500))) <= 1.0) == pytest.approx(0.95, abs=0.02)
+    odd = cells(np.array([0]))
+    odd[0, :8] += 10.0  # unlike any cell in the early stage, an ordinary cell in the last one
+    assert distance.stages[1].distances(odd[:, 8:])[0] < distance.stages[1].scale
+    assert distance.scores(odd)[0] > 1
+    distance.save(tmp_path / OOD_FILE)
+    assert FeatureDistance.load(tmp_path / OOD_FILE).scores(odd)[0] == pytest.approx(distance.scores(odd)[0], rel=1e-4)
+    with pytest.raises(ValueError, match="columns"):
+        distance.scores(odd[:, 8:])
 
 
 def test_ood_sets_are_deterministic_and_complete(herlev_one_per_class):
@@ -130,7 +155,7 @@ def test_fit_writes_a_verified_ood_file_and_its_numbers(refitted_model):
     assert 0.5 < evaluation["auroc_overall"] <= 1 and evaluation["auroc_overall_with_input_checks"] >= 0.5
     assert section["limit"] == 21 and section["fitted_on"]["n"] <= 21
     classifier = Classifier.load(model_dir)
-    assert classifier.ood is not None and classifier.ood.cutoff == pytest.approx(section["cutoff"]["distance"])
+    assert classifier.ood is not None and classifier.ood.cutoff == pytest.approx(section["cutoff"]["score"])
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ def item_out(item: BatchItem, policy: CallPolicy) -> BatchItemOut:
         status=item.status,
         error=item.error,
         qc_sample=item.qc_sample,
-        uncertainty=service.uncertainty(item) if item.prediction else None,
+        uncertainty=service.uncertainty(item, policy) if item.prediction else None,
         needs_review=prediction.needs_review if prediction else None,
         review_reasons=prediction.review_reasons if prediction else [],
         in_distribution=prediction.in_distribution if prediction else None,
@@ -109,7 +109,10 @@ def list_items(
     session: SessionDep,
     actor: ActorDep,
     order: Annotated[
-        QueueOrder, Query(description="suspicion (P(abnormal) first), uncertainty, or position")
+        QueueOrder,
+        Query(
+            description="suspicion (highest P(abnormal) first), uncertainty (nearest the cut-off first), or position"
+        ),
     ] = QueueOrder.SUSPICION,
     unreviewed: bool = False,
     predicted_class: Annotated[str | None, Query(alias="class")] = None,

@@ -75,8 +75,8 @@ class PredictionOut(BaseModel):
         description="False: not a typical cell (OOD score over 1). Null when the model has no OOD model."
     )
     ood_score: float | None = Field(
-        description="Feature-space distance to the training cells over the cut-off that keeps 95 % of validation "
-        "cells: <= 1 typical, > 1 not a typical cell."
+        description="Feature-space distance to the training cells (the largest over several network stages) over "
+        "the cut-off that keeps 95 % of validation cells: <= 1 typical, > 1 not a typical cell."
     )
     input_flags: list[str] = Field(description="What the input checks found odd in the uploaded file.")
     bethesda_hint: str
@@ -161,7 +161,11 @@ class BatchItemOut(BaseModel):
     status: ItemStatus
     error: str | None
     qc_sample: bool
-    uncertainty: float | None = Field(description="1 - |2 P(abnormal) - 1|: 1 = coin flip, 0 = sure.")
+    uncertainty: float | None = Field(
+        description="How unsure the normal/abnormal call is: 1 at the cut-off of the model that made it (the "
+        "prediction's abnormal_threshold), falling linearly to 0 at P(abnormal) 0 or 1 on the cut-off's side; "
+        "null until the cell is classified."
+    )
     needs_review: bool | None = Field(description="As the prediction's; null until the cell is classified.")
     review_reasons: list[str] = Field(description="As the prediction's; empty until the cell is classified.")
     in_distribution: bool | None = Field(description="As the prediction's: false = not a typical cell.")

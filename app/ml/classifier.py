@@ -96,8 +96,11 @@ class Classifier:
             )
             ood_path = verified_ood_path(model_dir, card) if with_ood else None
             ood = FeatureDistance.load(ood_path) if ood_path else None
-            if ood is not None and ood.precision.shape[0] != predictor.model.get_layer("gap").output.shape[-1]:
-                raise ValueError("the OOD model's feature size does not match the network")
+            if ood is not None and ood.dims != predictor.feature_dims:
+                raise ValueError(
+                    f"the OOD model's stages {ood.dims} do not match the network's {predictor.feature_dims} "
+                    "(refit it with papcad fit-ood)"
+                )
             release_free_memory()
             return cls(model_dir, card, predictor, ood)
         except (KeyError, TypeError, ValueError, OSError) as exc:

@@ -43,7 +43,7 @@ with _without_matplotlib():
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from app.ml.model import with_features  # noqa: E402
+from app.ml.model import feature_dims, with_features  # noqa: E402
 
 TTA = Literal["none", "flips4", "dihedral8"]
 Precision = Literal["float32", "bfloat16"]
@@ -141,8 +141,9 @@ def release_free_memory() -> None:
 class Predictor:
     """A compiled `pixels -> (probabilities, pooled features)` function for one network and one TTA setting.
 
-    The features (the backbone's global-average-pooled output) come from the same forward pass as the
-    probabilities, averaged over the same views, so the out-of-distribution score costs no second pass.
+    The features (average-pooled outputs of the backbone stages, `model.with_features`) come from the same
+    forward pass as the probabilities, averaged over the same views, so the out-of-distribution score costs no
+    second pass.
     """
 
     def __init__(
@@ -164,6 +165,7 @@ class Predictor:
         self.cells_per_pass = max(1, max_images_per_pass(max_images) // self.n_views)
         size = model.input_shape[1]
         both = with_features(model)
+        self.feature_dims = feature_dims(model)
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])  # type: ignore[untyped-decorator]
         def forward(pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -159,10 +159,28 @@ def load_weights(model: keras.Model, path: Path) -> None:
         variable.assign(arrays[variable.path].astype(variable.dtype))
 
 
+# Backbone stages whose average-pooled outputs the typical-cell guard (`app.ml.ood`) reads, from texture
+# (conv2) to the features the classifier itself uses (conv5, the "gap" layer's input).
+FEATURE_STAGES = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
+
+
+def feature_dims(model: keras.Model) -> tuple[int, ...]:
+    """Widths of the FEATURE_STAGES outputs: the parts of the feature vector `with_features` returns."""
+    backbone = model.get_layer("resnet50")
+    return tuple(int(backbone.get_layer(name).output.shape[-1]) for name in FEATURE_STAGES)
+
+
 def with_features(model: keras.Model) -> keras.Model:
-    """The same network with a second output: the pooled backbone features (the "gap" layer, before dropout).
+    """The same network with a second output: the average-pooled outputs of FEATURE_STAGES, concatenated.
 
     Shares every layer and weight with `model`, so one forward pass yields the call and the features the
-    out-of-distribution score is computed on.
+    out-of-distribution score is computed on (the last part is the "gap" layer's output, before dropout).
     """
-    return keras.Model(model.input, [model.output, model.get_layer("gap").output], name=f"{model.name}_features")
+    backbone = model.get_layer("resnet50")
+    stages = keras.Model(backbone.input, [backbone.get_layer(name).output for name in FEATURE_STAGES])
+    outputs = stages(model.get_layer("resnet_preprocess")(model.input))
+    pooled = [keras.layers.GlobalAveragePooling2D(dtype="float32")(out) for out in outputs[:-1]]
+    last = model.get_layer("gap")(outputs[-1])
+    probs = model.get_layer("head")(model.get_layer("dropout")(last))
+    features = keras.layers.Concatenate(dtype="float32")([*pooled, keras.ops.cast(last, "float32")])
+    return keras.Model(model.input, [probs, features], name=f"{model.name}_features")

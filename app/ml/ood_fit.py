@@ -21,10 +21,12 @@ from app.errors import DatasetError
 from app.ml.artifact import read_card, sha256_file, write_card
 from app.ml.classifier import Classifier
 from app.ml.data import Dataset, fixed_split, load_arrays
+from app.ml.model import FEATURE_STAGES
 from app.ml.ood import KEEP_IN_DISTRIBUTION, METHOD, OOD_FILE, FeatureDistance
 from app.ml.ood_sets import OOD_SET_SIZE, ood_sets
 
 CHUNK = 64
+FEATURES = "average-pooled outputs of ResNet50 stages " + ", ".join(FEATURE_STAGES) + ", mean over the test-time views"
 FLAGGED_SCORE = 1e9
 
 
@@ -120,7 +122,9 @@ def fit_ood_model_dir(model_dir: Path, dataset: Dataset, limit: int | None = Non
     )
 
     distance = FeatureDistance.fit(
-        split_features(classifier, dataset, train, "train features"), dataset.labels[train]
+        split_features(classifier, dataset, train, "train features"),
+        dataset.labels[train],
+        classifier.predictor.feature_dims,
     ).with_cutoff(split_features(classifier, dataset, val, "validation features"))
 
     test_samples = dataset.subset(test).samples
@@ -138,10 +142,11 @@ def fit_ood_model_dir(model_dir: Path, dataset: Dataset, limit: int | None = Non
         "file": OOD_FILE,
         "sha256": sha256_file(path),
         "method": METHOD,
-        "features": "GlobalAveragePooling output (2048), mean over the test-time augmentation views",
+        "features": FEATURES,
         "fitted_on": {"split": "train", "n": int(len(train))},
         "cutoff": {
-            "distance": distance.cutoff,
+            "score": distance.cutoff,
+            "stage_distances": [stage.scale for stage in distance.stages],
             "chosen_on": "validation",
             "keep_in_distribution": KEEP_IN_DISTRIBUTION,
             "n": int(len(val)),
@@ -189,7 +194,9 @@ def fit_from_pixels(
         return np.concatenate(chunks)
 
     (train_pixels, train_labels), (test_features, test_flags) = train, test
-    distance = FeatureDistance.fit(features(train_pixels, "typical-cell model: training features"), train_labels)
+    distance = FeatureDistance.fit(
+        features(train_pixels, "typical-cell model: training features"), train_labels, classifier.predictor.feature_dims
+    )
     distance = distance.with_cutoff(features(val_pixels, "typical-cell model: validation features"))
     outside = {name: analyse_images(classifier, images, name) for name, images in ood_sets(crops, n=set_size).items()}
     report = ood_report(distance, test_features, test_flags, outside)
@@ -199,10 +206,11 @@ def fit_from_pixels(
         "file": OOD_FILE,
         "sha256": sha256_file(path),
         "method": METHOD,
-        "features": "GlobalAveragePooling output (2048), mean over the test-time augmentation views",
+        "features": FEATURES,
         "fitted_on": {"split": described["fitted_on"], "n": int(len(train_labels))},
         "cutoff": {
-            "distance": distance.cutoff,
+            "score": distance.cutoff,
+            "stage_distances": [stage.scale for stage in distance.stages],
             "chosen_on": described["chosen_on"],
             "keep_in_distribution": KEEP_IN_DISTRIBUTION,
             "n": int(len(val_pixels)),

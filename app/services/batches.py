@@ -254,12 +254,12 @@ def qc_sample_size(session: Session, batch_id: int | None) -> int:
     return session.scalar(query) or 0
 
 
-def uncertainty(item: BatchItem) -> float:
-    """1 at P(abnormal) = 0.5, 0 at 0 or 1: how unsure the normal/abnormal call is (of a classified item)."""
+def uncertainty(item: BatchItem, policy: CallPolicy) -> float:
+    """How unsure a classified item's normal/abnormal call is: 1 at its model's cut-off, 0 at P(abnormal) 0 or 1
+    (see CallPolicy.uncertainty); the queue's "most uncertain first" ranks by it."""
     if item.prediction is None:
         raise ValueError(f"batch item {item.id} has no prediction yet")
-    p = item.prediction.abnormal_probability
-    return 1.0 - abs(2.0 * p - 1.0)
+    return policy.uncertainty(item.prediction)
 
 
 @dataclass(frozen=True)
@@ -290,22 +290,23 @@ UNRANKED = 2.0  # the sort key of a cell without a prediction: after every class
 
 
 SortKey = ColumnElement[Any] | InstrumentedAttribute[int]
+SUBMISSION_ORDER: tuple[SortKey, ...] = (BatchItem.batch_id, BatchItem.position, BatchItem.id)
 
 
-def _sort_keys(order: str) -> list[SortKey]:
+def _sort_keys(order: str, policy: CallPolicy) -> list[SortKey]:
     """The queue's ORDER BY, every key ascending, ties broken by batch, position and id.
 
-    suspicion: highest P(abnormal) first; uncertainty: P(abnormal) nearest 0.5 first (the same
-    arithmetic as `uncertainty`, so equal floats tie the same way); unclassified cells last.
+    suspicion: highest P(abnormal) first; uncertainty: P(abnormal) nearest its model's cut-off first (the
+    policy's `uncertainty_clause`, the same arithmetic as `uncertainty`, so equal floats tie the same way);
+    unclassified cells last.
     """
-    p = Prediction.abnormal_probability
     unranked = Prediction.id.is_(None)
     keys: list[SortKey] = []
     if order == QueueOrder.SUSPICION:
-        keys.append(case((unranked, UNRANKED), else_=-p))
+        keys.append(case((unranked, UNRANKED), else_=-Prediction.abnormal_probability))
     elif order == QueueOrder.UNCERTAINTY:
-        keys.append(case((unranked, UNRANKED), else_=-(1.0 - func.abs(2.0 * p - 1.0))))
-    return [*keys, BatchItem.batch_id, BatchItem.position, BatchItem.id]
+        keys.append(case((unranked, UNRANKED), else_=-policy.uncertainty_clause()))
+    return [*keys, *SUBMISSION_ORDER]
 
 
 def _queue_query(batch_id: int | None, flt: QueueFilter, policy: CallPolicy | None) -> Select[BatchItem]:
@@ -340,23 +341,21 @@ def queue_page(
     session: Session,
     batch_id: int | None,
     flt: QueueFilter,
-    policy: CallPolicy | None = None,
+    policy: CallPolicy,
     limit: int | None = None,
     offset: int = 0,
 ) -> tuple[list[BatchItem], int]:
     """One page of the queue, filtered, ranked and paged in the database; returns (page, total)."""
     flt = flt.validate()
     query = _queue_query(batch_id, flt, policy)
-    page = query.order_by(*_sort_keys(flt.order)).offset(offset).limit(limit)
+    page = query.order_by(*_sort_keys(flt.order, policy)).offset(offset).limit(limit)
     return list(session.scalars(page).unique()), _count(session, query)
 
 
-def queue_items(
-    session: Session, batch_id: int | None, flt: QueueFilter, policy: CallPolicy | None = None
-) -> list[BatchItem]:
+def queue_items(session: Session, batch_id: int | None, flt: QueueFilter, policy: CallPolicy) -> list[BatchItem]:
     """Items of one batch (or of all batches), filtered and ranked for review (see _sort_keys)."""
     flt = flt.validate()
-    query = _queue_query(batch_id, flt, policy).order_by(*_sort_keys(flt.order))
+    query = _queue_query(batch_id, flt, policy).order_by(*_sort_keys(flt.order, policy))
     return list(session.scalars(query).unique())
 
 
@@ -402,13 +401,13 @@ class Neighbours:
 
 
 def neighbours(
-    session: Session, item_id: int, batch_id: int | None, flt: QueueFilter, policy: CallPolicy | None = None
+    session: Session, item_id: int, batch_id: int | None, flt: QueueFilter, policy: CallPolicy
 ) -> Neighbours:
     """The classified cells before and after one cell in the ranked queue, by keyset queries on the
     sort keys (no list of the queue is loaded). A cell the filter leaves out has no previous one and
     the queue's first cell as the next."""
     flt = flt.validate()
-    keys = _sort_keys(flt.order)
+    keys = _sort_keys(flt.order, policy)
     classified = _queue_query(batch_id, flt, policy).where(BatchItem.prediction_id.is_not(None))
     count = _count(session, classified)
     ids = classified.with_only_columns(BatchItem.id)
@@ -446,7 +445,8 @@ def export_csv(session: Session, actor: Actor, batch_id: int) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
-    for item in queue_items(session, batch_id, QueueFilter(order=QueueOrder.POSITION)):
+    in_order = _queue_query(batch_id, QueueFilter(), None).order_by(*SUBMISSION_ORDER)
+    for item in session.scalars(in_order).unique():
         p = item.prediction
         review = p.reviews[-1] if p and p.reviews else None
         row = {

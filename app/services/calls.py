@@ -8,6 +8,10 @@ A cell needs review when any of these holds (each gives a short reason):
   * the input checks found something odd in the file (size, flatness, exposure, bit depth, ...).
 The same rule exists as a SQL expression for the review queue's filter.
 
+How unsure a call is (`uncertainty`, the queue's "most uncertain first") is measured from the same cut-off:
+1 at the cut-off, falling linearly to 0 at P(abnormal) 0 or 1 on its side, so with a cut-off of 0.82 a cell
+at 0.80 is far less sure than one at 0.5. The queue sorts by the same arithmetic in SQL.
+
 Every prediction is read at the cut-off of the model version that made it (each version's card chose its own
 on its own validation cells), so a promotion or a rollback changes the calls of new cells only; a cut-off the
 lab sets itself (PAPCAD_ABNORMAL_THRESHOLD) holds for every version.
@@ -95,12 +99,29 @@ class CallPolicy:
     def needs_review(self, p: Scored) -> bool:
         return bool(self.review_reasons(p))
 
+    def uncertainty(self, p: Scored) -> float:
+        """How unsure the prediction's normal/abnormal call is: 1 at its model's cut-off, 0 at P(abnormal) 0 or 1."""
+        return uncertainty_at(p.abnormal_probability, self.cutoff_of(p))
+
+    def cutoff_clause(self) -> ColumnElement[float]:
+        """`cutoff_of` as a SQL expression on the predictions table: each row at its own model's cut-off."""
+        if self.cutoffs:
+            return case(dict(self.cutoffs), value=Prediction.model_version, else_=self.abnormal_threshold)
+        return literal(self.abnormal_threshold)
+
+    def uncertainty_clause(self) -> ColumnElement[float]:
+        """`uncertainty` as a SQL expression on the predictions table, with the very same float operations in the
+        same order (so the database ranks and ties cells as the scores shown beside them do)."""
+        prob, cut = Prediction.abnormal_probability, self.cutoff_clause()
+        return case(
+            (prob == cut, 1.0),
+            (prob < cut, 1.0 - (cut - prob) / cut),
+            else_=1.0 - (prob - cut) / (1.0 - cut),
+        )
+
     def needs_review_clause(self) -> ColumnElement[bool]:
         """`needs_review` as a SQL condition on the predictions table (for filtering in the database)."""
-        band = self.uncertainty_band
-        cut: ColumnElement[float] = literal(self.abnormal_threshold)
-        if self.cutoffs:  # each row at its own model's cut-off
-            cut = case(dict(self.cutoffs), value=Prediction.model_version, else_=self.abnormal_threshold)
+        band, cut = self.uncertainty_band, self.cutoff_clause()
         prob = Prediction.abnormal_probability
         return or_(
             prob.between(cut - band, cut + band),
@@ -109,3 +130,18 @@ class CallPolicy:
             Prediction.in_distribution.is_(False),
             Prediction.input_flags.is_not(None),
         )
+
+
+def uncertainty_at(abnormal_probability: float, cutoff: float) -> float:
+    """1 at the cut-off, falling linearly to 0 at P(abnormal) 0 (below it) or 1 (above it).
+
+    Each side is scaled by its own width, so a cut-off of 0 or 1 never divides by zero for a probability:
+    P under the cut-off implies cut-off > 0, P over it implies cut-off < 1. `CallPolicy.uncertainty_clause`
+    must stay the same arithmetic.
+    """
+    p, cut = abnormal_probability, cutoff
+    if p == cut:
+        return 1.0
+    if p < cut:
+        return 1.0 - (cut - p) / cut
+    return 1.0 - (p - cut) / (1.0 - cut)

@@ -120,7 +120,7 @@ def _gallery(
     return render(
         request, "queue.html", actor=actor, batch=batch, items=items, flt=flt,
         progress=service.progress(session, batch.id) if batch else None,
-        query=filter_query(flt, batch_id), error=error, uncertainty=service.uncertainty, policy=context.policy,
+        query=filter_query(flt, batch_id), error=error, policy=context.policy,
         qc_count=service.qc_sample_size(session, batch_id),
     )  # fmt: skip
 

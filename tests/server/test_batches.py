@@ -9,6 +9,7 @@ import pytest
 
 from app.config import Settings
 from app.ml.classes import CLASS_NAMES
+from app.services.calls import uncertainty_at
 from app.services.work_queue import _in_qc_sample
 
 CLASSES = ["normal_superficiel", "normal_columnar", "light_dysplastic", "severe_dysplastic", "carcinoma_in_situ"]
@@ -60,8 +61,12 @@ def test_batch_of_files_is_classified_and_ranked(live_server, herlev_image):
     assert all(
         i["prediction"]["source"] == "batch" and i["prediction"]["accession_id"] == "S26-0042" for i in classified
     )
-    uncertainties = [i["uncertainty"] for i in by_uncertainty["items"] if i["status"] == "classified"]
+    by_doubt = [i for i in by_uncertainty["items"] if i["status"] == "classified"]
+    uncertainties = [i["uncertainty"] for i in by_doubt]
     assert uncertainties == sorted(uncertainties, reverse=True)
+    for item in by_doubt:  # measured from the model's own cut-off (about 0.82), not from 0.5
+        p, cut = item["prediction"]["abnormal_probability"], item["prediction"]["abnormal_threshold"]
+        assert cut != 0.5 and item["uncertainty"] == pytest.approx(uncertainty_at(p, cut))
     assert all(i["prediction"]["abnormal_probability"] >= 0.5 for i in high["items"])
     assert len(high["items"]) == sum(p >= 0.5 for p in p_abnormal)
 
