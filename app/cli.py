@@ -166,6 +166,24 @@ def fit_ood(
     typer.echo(json.dumps(section["evaluation"], indent=2))
 
 
+@cli.command("export")
+def export(
+    model: Annotated[Path, typer.Option(help="Model directory (with model_card.json).")],
+    data: DataOption,
+) -> None:
+    """Write the model's int8 network for LiteRT (serving without TensorFlow), check it against the Keras
+    network on the card's test split, and record both in the card's "serving" section; `auto` precision
+    serves int8 only if it loses at most 0.5 points of 7-class accuracy and of sensitivity at the cut-off."""
+    from app.ml.data import discover
+    from app.ml.export import export_model_dir
+
+    try:
+        section = export_model_dir(model, discover(data))
+    except PapcadError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(section, indent=2))
+
+
 @cli.command(
     help="Fine-tune a model on this laboratory's reviewed cells (final label = the latest review) and write a "
     "new model directory with its card: site metrics before/after on held-out accessions and, with --base-data, "

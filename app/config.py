@@ -100,10 +100,12 @@ class Settings(BaseSettings):
     inference_batch_timeout_ms: float = Field(
         default=5, ge=0, description="How long the first request of a batch waits for others to join it."
     )
-    # Read from the environment by app.ml.inference when a model is loaded (server, workers, registry reloads);
+    # Read from the environment by app.ml.runtime when a model is loaded (server, workers, registry reloads);
     # declared here so that a wrong value stops start-up with a clear message.
-    inference_precision: Literal["auto", "float32", "bfloat16"] = Field(
-        default="auto", description="Network arithmetic: auto = bfloat16 where the CPU has it and pays, else float32."
+    inference_precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        default="auto",
+        description="Network arithmetic: auto = the model card's choice (int8 on LiteRT when its check passed), "
+        "else float32.",
     )
     inference_max_images_per_pass: int = Field(
         default=8, ge=1, description="Network inputs (cells x test-time views) per forward call; bounds peak memory."

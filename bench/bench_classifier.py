@@ -9,6 +9,7 @@ In one run, on one machine:
       prepared images, in images per second;
   (c) memory: resident set size of a fresh process after importing, loading the classifier and
       classifying one batch.
+The classifier runs its Keras network in float32 (the int8 LiteRT serving path is measured by bench_serving.py).
 A table goes to stdout and everything to JSON (default bench/results/classifier.json).
 See bench/README.md for what each number means.
 """
@@ -59,7 +60,7 @@ def peak_mib():
 out = {}
 from app.ml.classifier import Classifier
 out["after_import"] = {"rss_mib": current_mib(), "peak_rss_mib": peak_mib()}
-classifier = Classifier.load(sys.argv[1])
+classifier = Classifier.load(sys.argv[1], precision="float32")
 out["after_load"] = {"rss_mib": current_mib(), "peak_rss_mib": peak_mib()}
 images = [open(path, "rb").read() for path in sys.argv[2:]]
 classifier.predict(images)
@@ -162,9 +163,9 @@ def run(model_dir: Path, n_images: int, n_batches: int) -> dict:
 
     machine = machine_info()
     started = time.perf_counter()
-    classifier = Classifier.load(model_dir)
+    classifier = Classifier.load(model_dir, precision="float32")  # the Keras network (int8: bench_serving.py)
     load_seconds = time.perf_counter() - started
-    model = classifier.predictor.model
+    model = classifier.network
     spec = classifier.spec
     n_views = len(views(tf.zeros([1, spec.size, spec.size, 3]), classifier.predictor.tta))
 
@@ -225,6 +226,7 @@ def run(model_dir: Path, n_images: int, n_batches: int) -> dict:
             "input": spec.to_dict(),
             "tta": classifier.predictor.tta,
             "tta_views": n_views,
+            "precision": classifier.predictor.precision,
             "load_seconds": load_seconds,
         },
         "machine": machine,

@@ -1,10 +1,11 @@
 """Grad-CAM cost against the plain prediction, and proof that heatmaps stay off the prediction path.
 
-One process, one machine, one run, on the same M Herlev images (spread over the 7 classes):
+One process, one machine, one run, on the same M Herlev images (spread over the 7 classes), with the model's
+Keras network in float32 (Grad-CAM; the int8 network's class map is measured in bench_serving.py):
   1. Classifier.predict([bytes]) latency, after untimed warm-up calls ("before");
-  2. app.ml.explain.heatmap_png(GradCam(model), bytes, spec, class_index) for the model's own call, as
-     GET /api/v1/predictions/{id}/heatmap computes it; the first call traces a tf.function and is reported
-     on its own, the rest are timed after warm-up calls;
+  2. app.ml.explain.heatmap_png(GradCam(model).heatmap, bytes, spec, class_index) for the model's own call, as
+     GET /api/v1/predictions/{id}/heatmap computes it for a float32 model; the first call traces a tf.function
+     and is reported on its own, the rest are timed after warm-up calls;
   3. Classifier.predict([bytes]) again, with nothing else running and no warm-up ("after"):
      prediction path slowdown = p50 after / p50 before (should be ~1.0), and the probabilities must not move;
   4. through the real server (create_app() on a temporary SQLite data dir, uvicorn in a thread on 127.0.0.1,
@@ -42,7 +43,8 @@ from common import (
 
 from app.config import get_settings
 from app.ml.classifier import Classifier
-from app.ml.explain import GradCam, heatmap_png
+from app.ml.explain import heatmap_png
+from app.ml.inference import GradCam
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "heatmap.json"
 WARMUP = 5
@@ -105,7 +107,7 @@ def server_heatmaps(classifier: Classifier, model_dir: Path, paths: list[Path], 
 
 def run(n_images: int, model_dir: Path) -> dict:
     started = time.perf_counter()
-    classifier = Classifier.load(model_dir)
+    classifier = Classifier.load(model_dir, precision="float32")
     load_seconds = time.perf_counter() - started
     machine = machine_info()
     load_before = load_average()
@@ -119,12 +121,12 @@ def run(n_images: int, model_dir: Path) -> dict:
 
     # 2. Grad-CAM: build, first call (traces), then timed calls after warm-up
     start = time.perf_counter()
-    cam = GradCam(classifier.predictor.model)
+    cam = GradCam(classifier.network)
     construct_s = time.perf_counter() - start
     start = time.perf_counter()
-    heatmap_png(cam, files[0], spec, calls[0])
+    heatmap_png(cam.heatmap, files[0], spec, calls[0])
     first_call_s = time.perf_counter() - start
-    heatmap_s = timed(lambda i: heatmap_png(cam, files[i], spec, calls[i]), list(range(n_images)))
+    heatmap_s = timed(lambda i: heatmap_png(cam.heatmap, files[i], spec, calls[i]), list(range(n_images)))
 
     # 3. the plain prediction again, straight after, no warm-up: any lasting effect of the heatmaps shows here
     after_s, after_p = predict_latencies(classifier, files, 0)
@@ -182,7 +184,7 @@ def table(result: dict) -> str:
     ]
     for name, row in (
         ("Classifier.predict([bytes]), before heatmaps", result["predict_before_heatmaps"]),
-        ("heatmap_png(GradCam(model), bytes, spec, call)", result["heatmap_png"]),
+        ("heatmap_png(GradCam(model).heatmap, bytes, ...)", result["heatmap_png"]),
         ("Classifier.predict([bytes]), after heatmaps", result["predict_after_heatmaps"]),
         ("GET .../heatmap, first for a prediction", served["computed_get"]),
         ("GET .../heatmap, again (cached PNG)", served["cached_get"]),

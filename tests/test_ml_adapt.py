@@ -99,3 +99,8 @@ def test_adapt_writes_a_loadable_versioned_model(site_cells, tiny_model_dir, tmp
     assert loaded.ood is not None and loaded.ood.cutoff == pytest.approx(ood["cutoff"]["score"], rel=1e-6)
     assert prediction.in_distribution is not None and prediction.ood_score is not None
     assert len(adaptation["history"]["validation_score"]) == FAST.epochs
+    # Its int8 network, checked on the held-out site cells; the server's auto choice follows that check.
+    serving = read_card(out)["serving"]
+    assert serving["int8"]["sha256"] == sha256_file(out / serving["int8"]["file"])
+    assert serving["check"]["n"] == split["test"]["cells"] and serving["check"]["cells"] == "held-out site accessions"
+    assert loaded.predictor.precision == serving["auto"]

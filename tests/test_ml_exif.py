@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.ml.explain import MAX_OVERLAY_SIDE, GradCam, heatmap_png, overlay_size
+from app.ml.explain import MAX_OVERLAY_SIDE, heatmap_png, overlay_size
+from app.ml.inference import GradCam
 from app.ml.preprocessing import InputSpec, decode_image, prepare_image
 from app.services.images import check_image
 
@@ -79,7 +80,7 @@ def _small_model():
 
 
 def test_heatmap_of_a_rotated_jpeg_has_the_upright_shape(cam):
-    png = Image.open(io.BytesIO(heatmap_png(cam, rotated_jpeg(), InputSpec(size=64, fit="resize"), 0)))
+    png = Image.open(io.BytesIO(heatmap_png(cam.heatmap, rotated_jpeg(), InputSpec(size=64, fit="resize"), 0)))
     assert png.size == (60, 40)
 
 
@@ -99,10 +100,10 @@ def test_heatmap_of_a_large_image_is_bounded_in_size_and_memory(cam):
     big.save(buffer, format="PNG")
     data = buffer.getvalue()
     spec = InputSpec(size=64, fit="resize")
-    heatmap_png(cam, data, spec, 0)  # warm up (graph tracing)
+    heatmap_png(cam.heatmap, data, spec, 0)  # warm up (graph tracing)
     tracemalloc.start()
     try:
-        png = heatmap_png(cam, data, spec, 0)
+        png = heatmap_png(cam.heatmap, data, spec, 0)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -11,7 +11,8 @@ from PIL import Image
 
 from app.config import get_settings
 from app.ml.classifier import Classifier
-from app.ml.explain import GradCam, heatmap_on_image, heatmap_png
+from app.ml.explain import heatmap_on_image, heatmap_png
+from app.ml.inference import GradCam
 from app.ml.model import build_model
 from app.ml.preprocessing import InputSpec, prepare_image
 
@@ -38,12 +39,11 @@ def cells() -> list[bytes]:
 
 def test_heatmap_of_the_bundled_model_responds_to_the_image(bundled):
     """For the trained model's own call, the map is in [0, 1], not constant, and differs between cells."""
-    cam = GradCam(bundled.predictor.model)
     grid = bundled.spec.size // 32  # ResNet50 downsamples by 32 up to its last block
     maps = []
     for data in cells():
         call = bundled.class_names.index(bundled.predict([data])[0].predicted_class)
-        heat = cam.heatmap(prepare_image(data, bundled.spec), call)
+        heat = bundled.heatmap(prepare_image(data, bundled.spec), call)
         assert heat.shape == (grid, grid)
         assert heat.min() >= 0 and heat.max() == pytest.approx(1.0, abs=1e-5)
         assert heat.std() > 0
@@ -56,7 +56,7 @@ def test_png_has_the_original_size(cam, fit):
     spec = InputSpec(size=96, fit=fit, canvas=256)
     data = cells()[0]
     original = Image.open(io.BytesIO(data))
-    png = Image.open(io.BytesIO(heatmap_png(cam, data, spec, 6)))
+    png = Image.open(io.BytesIO(heatmap_png(cam.heatmap, data, spec, 6)))
     assert png.format == "PNG" and png.size == original.size and png.mode == "RGB"
     assert np.asarray(png).std() > 0
 

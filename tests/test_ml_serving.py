@@ -15,9 +15,10 @@ from PIL import Image
 from app.ml.classifier import Classifier
 from app.ml.colormap import INFERNO
 from app.ml.evaluate import average_views, tta_choice
-from app.ml.explain import MAX_OVERLAY_SIDE, GradCam, heatmap_png
-from app.ml.inference import VIEW_INDICES, Predictor, cpu_has_bf16, resolve_precision, views
+from app.ml.explain import MAX_OVERLAY_SIDE, heatmap_png
+from app.ml.inference import Predictor, views
 from app.ml.preprocessing import prepare_batch
+from app.ml.runtime import VIEW_INDICES, cpu_has_bf16, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,12 +88,12 @@ def test_cpu_capability_decides_auto(tmp_path, monkeypatch):
     monkeypatch.setenv("PAPCAD_INFERENCE_PRECISION", "float32")
     assert resolve_precision() == "float32"
     assert resolve_precision("bfloat16") == "bfloat16"
-    monkeypatch.setattr("app.ml.inference.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("app.ml.runtime.cpu_has_bf16", lambda: False)
     assert resolve_precision("auto") == "float32"
-    monkeypatch.setattr("app.ml.inference.cpu_has_bf16", lambda: True)
-    monkeypatch.setattr("app.ml.inference.AUTO_BF16", True)
+    monkeypatch.setattr("app.ml.runtime.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("app.ml.runtime.AUTO_BF16", True)
     assert resolve_precision("auto") == "bfloat16"
-    monkeypatch.setattr("app.ml.inference.AUTO_BF16", False)  # the bundled model misses bfloat16's bar
+    monkeypatch.setattr("app.ml.runtime.AUTO_BF16", False)  # the bundled model misses bfloat16's bar
     assert resolve_precision("auto") == "float32"
 
 
@@ -114,7 +115,7 @@ def test_bfloat16_runs_the_same_weights_in_bfloat16(tiny, tiny_model_dir, pixels
     np.testing.assert_allclose(low.sum(axis=1), 1.0, atol=1e-6)
     assert not np.array_equal(full, low)  # really computed in another precision
     np.testing.assert_allclose(low, full, atol=0.05)
-    heat = GradCam(half.predictor.model).heatmap(pixels[0], 3)  # Grad-CAM explains the bfloat16 network too
+    heat = half.heatmap(pixels[0], 3)  # Grad-CAM explains the bfloat16 network too
     assert np.all(np.isfinite(heat)) and heat.min() >= 0 and heat.max() <= 1
 
 
@@ -169,7 +170,7 @@ def test_a_huge_upload_gets_a_bounded_heatmap(tiny, herlev_one_per_class):
     cell = Image.open(herlev_one_per_class["carcinoma_in_situ"]).convert("RGB")
     buffer = io.BytesIO()
     cell.resize((4000, 3000), Image.Resampling.BILINEAR).save(buffer, format="PNG")
-    png = Image.open(io.BytesIO(heatmap_png(GradCam(tiny.predictor.model), buffer.getvalue(), tiny.spec, 2)))
+    png = Image.open(io.BytesIO(heatmap_png(tiny.heatmap, buffer.getvalue(), tiny.spec, 2)))
     assert png.size == (MAX_OVERLAY_SIDE, 768)
     colours = np.asarray(png).reshape(-1, 3)
     assert {tuple(c) for c in np.unique(colours, axis=0)} <= {tuple(c) for c in INFERNO}

@@ -45,6 +45,7 @@ from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
 from app.ml.data import Dataset, discover, fixed_split, load_arrays
 from app.ml.evaluation import ABNORMAL_MASK, compute_metrics, write_report
+from app.ml.export import export_int8
 from app.ml.finetune import AdaptConfig as AdaptConfig  # adapt()'s recipe argument
 from app.ml.finetune import fine_tune, validation_judge
 from app.ml.input_checks import as_sent, input_flags
@@ -250,7 +251,7 @@ def adapt(
     _refuse_out(out_dir)
     check_enough(cells)
     base_card = read_card(base_dir)
-    base_model = Classifier.load(base_dir, with_ood=False)
+    base_model = Classifier.load(base_dir, with_ood=False, precision="float32")
     spec = base_model.spec
     x_site, y_site, groups = site_arrays(cells, spec)
     split = split_site(y_site, groups, config.seed)
@@ -277,11 +278,11 @@ def adapt(
     try:
         card = _write_adapted(work, model, history, base_card, base_dir, version or out_dir.name)
         del model
-        adapted = Classifier.load(work, with_ood=False)
+        adapted = Classifier.load(work, with_ood=False, precision="float32")
         calibration, cutoff = _recalibrate(adapted, x_site[split.val], y_site[split.val], base_model.abnormal_threshold)
         card["calibration"], card["abnormal_threshold"] = calibration, cutoff
         write_card(work, card)
-        adapted = Classifier.load(work, with_ood=False)
+        adapted = Classifier.load(work, with_ood=False, precision="float32")
 
         x_test, y_test = x_site[split.test], y_site[split.test]
         site_after_probs, test_features = adapted.predict_pixels_with_features(x_test)
@@ -337,7 +338,9 @@ def adapt(
             "details": "site_test_metrics.json",
         }
         write_card(work, card)
-        Classifier.load(work)  # as a server will load it: weights and typical-cell model checked
+        del adapted
+        card["serving"] = export_int8(work, x_test, y_test, "held-out site accessions")
+        Classifier.load(work)  # as a server will load it: weights, typical-cell model and int8 network checked
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         work.rename(out_dir)

@@ -5,10 +5,11 @@
         model_card.json    classes, grouping, input spec, provenance, recipe, data, metrics, hash
         metrics.json       the evaluation command's full output
         ood.npz            optional: the out-of-distribution model (card section "ood", with its SHA-256)
+        serving_int8.tflite optional: the network with int8 weights for LiteRT (card section "serving")
         robustness.json    optional: metrics under image shifts (card section "robustness")
         *.png              curves, confusion matrices, ROC
 
-The card's `weights_sha256` (and the OOD file's `ood.sha256`) is checked before anything is loaded.
+The card's `weights_sha256` (and the OOD and serving files' SHA-256) is checked before anything is loaded.
 """
 
 import hashlib
@@ -69,3 +70,11 @@ def verified_ood_path(model_dir: Path, card: dict[str, Any]) -> Path | None:
     if not section:
         return None
     return verified_file(model_dir, section.get("file", ""), section.get("sha256"), "out-of-distribution file")
+
+
+def verified_serving_path(model_dir: Path, card: dict[str, Any], precision: str) -> Path | None:
+    """The LiteRT network of that precision named in the card's "serving" section, checked; None when absent."""
+    section = (card.get("serving") or {}).get(precision)
+    if not section:
+        return None
+    return verified_file(model_dir, section.get("file", ""), section.get("sha256"), f"{precision} serving file")

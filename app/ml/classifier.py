@@ -3,20 +3,23 @@
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from app.errors import ModelIntegrityError
-from app.ml.artifact import read_card, verified_ood_path, verified_weights_path
+from app.ml.artifact import read_card, verified_ood_path, verified_serving_path, verified_weights_path
 from app.ml.calibration import apply_temperature
 from app.ml.classes import ABNORMAL_CLASSES, CLASS_NAMES
-from app.ml.inference import Predictor, build_in_precision, release_free_memory, resolve_precision
 from app.ml.input_checks import as_sent, input_flags
-from app.ml.model import build_model, load_weights
 from app.ml.ood import FeatureDistance
 from app.ml.preprocessing import InputSpec, decode_image, prepare_image
+from app.ml.runtime import Precision, release_free_memory, resolve_precision
+
+if TYPE_CHECKING:
+    from app.ml.inference import Predictor
+    from app.ml.lite import LitePredictor
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,13 @@ class Prediction:
 class Classifier:
     """A loaded, verified model: images in, per-class probabilities out."""
 
-    def __init__(self, model_dir: Path, card: dict[str, Any], predictor: Predictor, ood: FeatureDistance | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        card: dict[str, Any],
+        predictor: "Predictor | LitePredictor",
+        ood: FeatureDistance | None = None,
+    ):
         self.model_dir = Path(model_dir)
         self.card = card
         self.predictor = predictor
@@ -50,7 +59,7 @@ class Classifier:
         self.class_names: tuple[str, ...] = tuple(card["class_names"])
         self.spec = InputSpec.from_dict(card["input"])
         abnormal = set(card.get("abnormal_classes", ABNORMAL_CLASSES))
-        self._abnormal_mask = np.array([name in abnormal for name in self.class_names])
+        self.abnormal_mask = np.array([name in abnormal for name in self.class_names])
         calibration = card.get("calibration") or {}
         self.temperature: float = float(calibration.get("temperature", 1.0))
         # The validation-chosen P(abnormal) cut-off; a lab may configure its own in the server.
@@ -67,33 +76,28 @@ class Classifier:
     ) -> "Classifier":
         """Read the card, check the weights' SHA-256, build the network and load the weights.
 
-        with_ood=False skips the card's OOD model (for refitting it). precision: "auto", "float32" or
-        "bfloat16" (default: $PAPCAD_INFERENCE_PRECISION, else auto); max_images_per_pass bounds the
+        with_ood=False skips the card's OOD model (for refitting it). precision: "auto", "float32", "bfloat16"
+        or "int8" (default: $PAPCAD_INFERENCE_PRECISION, else auto; see `runtime.resolve_precision`: int8 runs
+        on LiteRT, without TensorFlow; the others build the Keras network); max_images_per_pass bounds the
         network inputs (cells x TTA views) of one forward call (default: $PAPCAD_INFERENCE_MAX_IMAGES_PER_PASS).
 
         Raises ModelIntegrityError for anything wrong with the directory, never a bare KeyError.
         """
         model_dir = Path(model_dir)
-        chosen = resolve_precision(precision)  # a bad setting is the operator's error, not the model's
         card = read_card(model_dir)
+        chosen = resolve_precision(precision, card)  # a bad setting is the operator's error, not the model's
         weights_path = verified_weights_path(model_dir, card)
         try:
             if tuple(card["class_names"]) != CLASS_NAMES:
                 raise ValueError(f"unexpected classes {card['class_names']}")
             spec = InputSpec.from_dict(card["input"])
-            model = build_in_precision(
-                lambda: build_model(
-                    spec.size,
-                    num_classes=len(CLASS_NAMES),
-                    dropout=card["recipe"]["dropout"],
-                    normalization=card["input"].get("normalization", "caffe"),
-                ),
-                chosen,
-            )
-            load_weights(model, weights_path)
-            predictor = Predictor(
-                model, card.get("tta", "none"), batch_size, max_images=max_images_per_pass, precision=chosen
-            )
+            tta = card.get("tta", "none")
+            if chosen == "int8":
+                predictor: Predictor | LitePredictor = _lite_predictor(
+                    model_dir, card, tta, batch_size, max_images_per_pass
+                )
+            else:
+                predictor = _keras_predictor(card, spec, weights_path, chosen, tta, batch_size, max_images_per_pass)
             ood_path = verified_ood_path(model_dir, card) if with_ood else None
             ood = FeatureDistance.load(ood_path) if ood_path else None
             if ood is not None and ood.dims != predictor.feature_dims:
@@ -105,6 +109,19 @@ class Classifier:
             return cls(model_dir, card, predictor, ood)
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise ModelIntegrityError(f"model directory {model_dir} is not usable: {exc!r}") from exc
+
+    @property
+    def network(self) -> Any:
+        """The Keras network, for tools that train, convert or re-run it (loaded with precision float32)."""
+        from app.ml.inference import Predictor
+
+        if not isinstance(self.predictor, Predictor):
+            raise TypeError(f"model {self.version} runs on LiteRT ({self.predictor.precision}); load it as float32")
+        return self.predictor.model
+
+    def heatmap(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
+        """Class-activation map of one prepared image for a class, by the network that serves the model."""
+        return self.predictor.heatmap(pixels, class_index)
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Prepared uint8 pixels (n, size, size, 3) -> (n, classes) calibrated probabilities."""
@@ -138,9 +155,49 @@ class Classifier:
         return Prediction(
             probabilities={name: float(p) for name, p in zip(self.class_names, row, strict=False)},
             predicted_class=self.class_names[int(np.argmax(row))],
-            abnormal_probability=float(row[self._abnormal_mask].sum()),
+            abnormal_probability=float(row[self.abnormal_mask].sum()),
             model_version=self.version,
             in_distribution=None if score is None else bool(score <= 1.0),
             ood_score=None if score is None else float(score),
             input_flags=flags,
         )
+
+
+def _lite_predictor(
+    model_dir: Path, card: dict[str, Any], tta: Any, batch_size: int, max_images: int | None
+) -> "LitePredictor":
+    """The int8 network on LiteRT (no TensorFlow in the process)."""
+    from app.ml.lite import LitePredictor
+
+    path = verified_serving_path(model_dir, card, "int8")
+    section = card["serving"]["int8"]
+    if path is None or section["weights_sha256"] != card["weights_sha256"]:
+        raise ValueError("the int8 serving file was not made from these weights (run papcad export)")
+    dims = tuple(section["feature_dims"])
+    return LitePredictor(path, tta, dims, batch_size=batch_size, max_images=max_images)
+
+
+def _keras_predictor(
+    card: dict[str, Any],
+    spec: InputSpec,
+    weights_path: Path,
+    precision: Precision,
+    tta: Any,
+    batch_size: int,
+    max_images: int | None,
+) -> "Predictor":
+    """The Keras network in float32 or bfloat16 (imports TensorFlow)."""
+    from app.ml.inference import Predictor, build_in_precision
+    from app.ml.model import build_model, load_weights
+
+    model = build_in_precision(
+        lambda: build_model(
+            spec.size,
+            num_classes=len(CLASS_NAMES),
+            dropout=card["recipe"]["dropout"],
+            normalization=card["input"].get("normalization", "caffe"),
+        ),
+        precision,
+    )
+    load_weights(model, weights_path)
+    return Predictor(model, tta, batch_size, max_images=max_images, precision=precision)

@@ -25,7 +25,8 @@ from app.ml.calibration_plots import reliability_diagram
 from app.ml.classifier import Classifier
 from app.ml.data import Dataset, fixed_split, load_arrays
 from app.ml.evaluation import ABNORMAL_MASK, compute_metrics, plot_history, write_report
-from app.ml.inference import TTA, VIEW_INDICES, Predictor
+from app.ml.inference import Predictor
+from app.ml.runtime import TTA, VIEW_INDICES
 
 # Missed abnormal cells are the costly error: the default cut-off keeps validation sensitivity here.
 TARGET_SENSITIVITY = 0.95
@@ -40,7 +41,7 @@ TIMED_IMAGES = 32
 def _per_view(classifier: Classifier, dataset: Dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Raw probabilities of all eight dihedral views, (8, n, classes), and the labels."""
     x, y = load_arrays(dataset.subset(indices), classifier.spec)
-    return Predictor(classifier.predictor.model, "dihedral8").per_view(x)[0], y
+    return Predictor(classifier.network, "dihedral8").per_view(x)[0], y
 
 
 def average_views(per_view: np.ndarray, tta: TTA) -> np.ndarray:
@@ -80,7 +81,7 @@ def tta_choice(
     """
     settings: dict[str, dict[str, Any]] = {}
     for tta in VIEW_INDICES:
-        seconds = seconds_per_image(Predictor(classifier.predictor.model, tta), timing_pixels)
+        seconds = seconds_per_image(Predictor(classifier.network, tta), timing_pixels)
         settings[tta] = {
             "views": len(VIEW_INDICES[tta]),
             "validation": _scores(validation[1], average_views(validation[0], tta)) if validation else None,

@@ -1,53 +1,19 @@
-"""Grad-CAM (Selvaraju et al., 2017) on ResNet50's last convolutional block (conv5_block3_out).
+"""Heatmap overlays: a class-activation map of ResNet50's last block (conv5_block3_out), drawn over the cell.
 
-The map shows where in the cell the features that raised the chosen class's score are. At a
-128 px input the last block is 4x4, so the map is coarse: it points to a region, not to a nucleus.
+The map itself comes from the predictor that serves the model (`heatmap(pixels, class_index)`: Grad-CAM,
+Selvaraju et al., 2017, in `inference` for the Keras network; the same map in closed form in `lite`). It shows
+where in the cell the features that raised the chosen class's score are. At a 128 px input the last block is
+4x4, so the map is coarse: it points to a region, not to a nucleus. Nothing here imports TensorFlow.
 """
 
 import io
+from collections.abc import Callable
 
-import keras
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 from app.ml.colormap import INFERNO
 from app.ml.preprocessing import InputSpec, decode_image, prepare_image
-
-
-class GradCam:
-    """Grad-CAM for the network built by `app.ml.model.build_model`."""
-
-    def __init__(self, model: keras.Model):
-        preprocess = model.get_layer("resnet_preprocess")
-        backbone = model.get_layer("resnet50")
-        gap = model.get_layer("gap")
-        head = model.get_layer("head")
-        size = model.input_shape[1]
-
-        @tf.function(  # type: ignore[untyped-decorator]
-            input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8), tf.TensorSpec([], tf.int32)]
-        )
-        def cam(pixels: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
-            # float32 whatever the network computes in (bfloat16 on CPUs that have it), for a stable gradient.
-            features = tf.cast(backbone(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
-            with tf.GradientTape() as tape:
-                tape.watch(features)
-                # The class score before softmax, as Grad-CAM prescribes.
-                logits = tf.matmul(tf.cast(gap(features), tf.float32), head.kernel) + head.bias
-                score = logits[0, class_index]
-            grads = tape.gradient(score, features)[0]
-            weights = tf.reduce_mean(grads, axis=(0, 1))
-            heat = tf.nn.relu(tf.reduce_sum(features[0] * weights, axis=-1))
-            return heat / (tf.reduce_max(heat) + 1e-9)
-
-        self._cam = cam
-
-    def heatmap(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
-        """Prepared uint8 pixels (size, size, 3) -> float map in [0, 1] at the last block's resolution."""
-        heat: np.ndarray = self._cam(tf.constant(pixels[None]), tf.constant(class_index, tf.int32)).numpy()
-        return heat
-
 
 # The overlay PNG is drawn at most this many pixels on its longest side, in the image's aspect:
 # the page scales it over the image, and memory stays bounded whatever the upload's size.
@@ -81,8 +47,12 @@ def heatmap_on_image(
     return np.asarray(square.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
 
 
-def heatmap_png(cam: GradCam, data: bytes | Image.Image, spec: InputSpec, class_index: int) -> bytes:
-    """A colour PNG (inferno) of the Grad-CAM map, in the image's aspect, at most MAX_OVERLAY_SIDE px a side.
+# Prepared uint8 pixels (size, size, 3) and a class index -> a float map in [0, 1] at the last block's resolution.
+HeatmapFunction = Callable[[np.ndarray, int], np.ndarray]
+
+
+def heatmap_png(cam: HeatmapFunction, data: bytes | Image.Image, spec: InputSpec, class_index: int) -> bytes:
+    """A colour PNG (inferno) of the class-activation map, in the image's aspect, at most MAX_OVERLAY_SIDE px a side.
 
     Grad-CAM runs at the network's resolution and the map is upsampled only to the overlay's size.
     A large upload is shrunk once, right after decoding, to the larger of the overlay and the
@@ -93,7 +63,7 @@ def heatmap_png(cam: GradCam, data: bytes | Image.Image, spec: InputSpec, class_
     working = max(MAX_OVERLAY_SIDE, spec.canvas, spec.size)
     if max(image.size) > working:
         image.thumbnail((working, working), Image.Resampling.BILINEAR)
-    heat = heatmap_on_image(cam.heatmap(prepare_image(image, spec), class_index), image, spec, out_size)
+    heat = heatmap_on_image(cam(prepare_image(image, spec), class_index), image, spec, out_size)
     colours = INFERNO[np.round(heat * 255).astype(np.uint8)]
     buffer = io.BytesIO()
     Image.fromarray(colours).save(buffer, format="PNG")

@@ -9,17 +9,14 @@ view), but at most `max_images_per_pass` network inputs at a time, so a batch of
 views does not hold the activations of 256 images at once.
 
 Precision: on CPUs with bfloat16 instructions the network can be built under Keras'
-"mixed_bfloat16" policy (same float32 weights, bfloat16 arithmetic); see `resolve_precision`.
+"mixed_bfloat16" policy (same float32 weights, bfloat16 arithmetic); see `runtime.resolve_precision`. The int8
+network runs without TensorFlow, in `app.ml.lite`.
 """
 
-import ctypes
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Literal, get_args
 
 
 @contextmanager
@@ -44,27 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from app.ml.model import feature_dims, with_features  # noqa: E402
-
-TTA = Literal["none", "flips4", "dihedral8"]
-Precision = Literal["float32", "bfloat16"]
-PrecisionSetting = Literal["auto", "float32", "bfloat16"]
-
-# Which of the eight dihedral views (index k < 4: turned k quarter turns; k >= 4: mirrored left-right,
-# then turned k - 4 quarter turns) each setting averages. flips4 = original, mirrored, upside down, both.
-VIEW_INDICES: dict[TTA, tuple[int, ...]] = {"none": (0,), "flips4": (0, 4, 6, 2), "dihedral8": tuple(range(8))}
-
-# The environment variables the server's settings document (PAPCAD_INFERENCE_*), read here so that
-# every process that loads a model (server, worker, registry reloads, CLI) follows them.
-PRECISION_ENV = "PAPCAD_INFERENCE_PRECISION"
-MAX_IMAGES_ENV = "PAPCAD_INFERENCE_MAX_IMAGES_PER_PASS"
-DEFAULT_MAX_IMAGES_PER_PASS = 8
-
-# CPU flags that mean hardware bfloat16 arithmetic (AVX-512 BF16, or Intel AMX tiles).
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-# Whether "auto" picks bfloat16 on such a CPU: only if it meets its bar (>= 1.8x throughput at <= 0.5 points of
-# 7-class accuracy lost on the grouped test split, bench/bench_serving.py). For the bundled model it does not:
-# 1.9-2.8x faster, but one test cell of 184 changes its call (0.54 points), so auto stays float32.
-AUTO_BF16 = False
+from app.ml.runtime import TTA, VIEW_INDICES, Precision, ViewAverage, max_images_per_pass  # noqa: E402
 
 
 def view(batch: tf.Tensor, index: int) -> tf.Tensor:
@@ -78,37 +55,6 @@ def views(batch: tf.Tensor, tta: TTA) -> list[tf.Tensor]:
     if tta not in VIEW_INDICES:
         raise ValueError(f"unknown test-time augmentation {tta!r}")
     return [view(batch, index) for index in VIEW_INDICES[tta]]
-
-
-def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether the CPU advertises hardware bfloat16 arithmetic (False where /proc/cpuinfo is absent)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool(BF16_CPU_FLAGS & set(line.split(":", 1)[-1].split()))
-    return False
-
-
-def resolve_precision(setting: str | None = None) -> Precision:
-    """The precision to build the network in: the setting (default: $PAPCAD_INFERENCE_PRECISION, else
-    "auto"); "auto" means bfloat16 on CPUs with bfloat16 instructions (when AUTO_BF16), else float32."""
-    setting = (setting or os.environ.get(PRECISION_ENV) or "auto").lower()
-    if setting not in get_args(PrecisionSetting):
-        raise ValueError(f"inference precision must be one of {get_args(PrecisionSetting)}, not {setting!r}")
-    if setting == "auto":
-        return "bfloat16" if AUTO_BF16 and cpu_has_bf16() else "float32"
-    return setting  # type: ignore[return-value]
-
-
-def max_images_per_pass(value: int | None = None) -> int:
-    """Network inputs per forward call (argument, else $PAPCAD_INFERENCE_MAX_IMAGES_PER_PASS, else 8)."""
-    value = value if value is not None else int(os.environ.get(MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES_PER_PASS))
-    if value < 1:
-        raise ValueError("at least one image per forward pass")
-    return value
 
 
 _POLICY_LOCK = threading.Lock()
@@ -129,16 +75,7 @@ def build_in_precision(build: Callable[[], keras.Model], precision: Precision) -
             keras.config.set_dtype_policy(previous)
 
 
-def release_free_memory() -> None:
-    """Give freed heap pages back to the system (glibc keeps them otherwise): loading a model leaves
-    tens of MiB of temporaries behind. A no-op where glibc's malloc_trim is not available."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class Predictor:
+class Predictor(ViewAverage):
     """A compiled `pixels -> (probabilities, pooled features)` function for one network and one TTA setting.
 
     The features (average-pooled outputs of the backbone stages, `model.with_features`) come from the same
@@ -179,6 +116,8 @@ class Predictor:
             return probs, features
 
         self._forward = forward
+        self._cam: GradCam | None = None  # built on the first heatmap: the prediction path never pays for it
+        self._cam_lock = threading.Lock()
 
     def per_view(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (n, size, size, 3) -> float32 probabilities (views, n, classes) and features (views, n, d)."""
@@ -190,12 +129,43 @@ class Predictor:
             feature_chunks.append(features.numpy())
         return np.concatenate(prob_chunks, axis=1), np.concatenate(feature_chunks, axis=1)
 
-    def with_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (n, size, size, 3) -> float64 (n, classes) probabilities summing to 1, float32 (n, d) features."""
-        per_view_probs, per_view_features = self.per_view(pixels)
-        probs = per_view_probs.mean(axis=0, dtype=np.float64)
-        return probs / probs.sum(axis=1, keepdims=True), per_view_features.mean(axis=0).astype(np.float32)
+    def heatmap(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
+        """Grad-CAM of one prepared uint8 image (size, size, 3) for a class: float map in [0, 1], 4x4 at 128 px."""
+        with self._cam_lock:
+            if self._cam is None:
+                self._cam = GradCam(self.model)
+        return self._cam.heatmap(pixels, class_index)
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (n, size, size, 3) -> float64 (n, classes) probabilities summing to 1."""
-        return self.with_features(pixels)[0]
+
+class GradCam:
+    """Grad-CAM for the network built by `app.ml.model.build_model`."""
+
+    def __init__(self, model: keras.Model):
+        preprocess = model.get_layer("resnet_preprocess")
+        backbone = model.get_layer("resnet50")
+        gap = model.get_layer("gap")
+        head = model.get_layer("head")
+        size = model.input_shape[1]
+
+        @tf.function(  # type: ignore[untyped-decorator]
+            input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8), tf.TensorSpec([], tf.int32)]
+        )
+        def cam(pixels: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
+            # float32 whatever the network computes in (bfloat16 on CPUs that have it), for a stable gradient.
+            features = tf.cast(backbone(preprocess(tf.cast(pixels, tf.float32)), training=False), tf.float32)
+            with tf.GradientTape() as tape:
+                tape.watch(features)
+                # The class score before softmax, as Grad-CAM prescribes.
+                logits = tf.matmul(tf.cast(gap(features), tf.float32), head.kernel) + head.bias
+                score = logits[0, class_index]
+            grads = tape.gradient(score, features)[0]
+            weights = tf.reduce_mean(grads, axis=(0, 1))
+            heat = tf.nn.relu(tf.reduce_sum(features[0] * weights, axis=-1))
+            return heat / (tf.reduce_max(heat) + 1e-9)
+
+        self._cam = cam
+
+    def heatmap(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
+        """Prepared uint8 pixels (size, size, 3) -> float map in [0, 1] at the last block's resolution."""
+        heat: np.ndarray = self._cam(tf.constant(pixels[None]), tf.constant(class_index, tf.int32)).numpy()
+        return heat

@@ -170,17 +170,36 @@ def feature_dims(model: keras.Model) -> tuple[int, ...]:
     return tuple(int(backbone.get_layer(name).output.shape[-1]) for name in FEATURE_STAGES)
 
 
-def with_features(model: keras.Model) -> keras.Model:
-    """The same network with a second output: the average-pooled outputs of FEATURE_STAGES, concatenated.
-
-    Shares every layer and weight with `model`, so one forward pass yields the call and the features the
-    out-of-distribution score is computed on (the last part is the "gap" layer's output, before dropout).
-    """
+def _outputs(model: keras.Model, inputs: Any) -> tuple[Any, Any, Any]:
+    """`model` applied to `inputs` with every layer shared: probabilities, the concatenated average-pooled
+    FEATURE_STAGES outputs (the last part is the "gap" layer's output, before dropout) and the last block's maps."""
     backbone = model.get_layer("resnet50")
     stages = keras.Model(backbone.input, [backbone.get_layer(name).output for name in FEATURE_STAGES])
-    outputs = stages(model.get_layer("resnet_preprocess")(model.input))
+    outputs = stages(model.get_layer("resnet_preprocess")(inputs))
     pooled = [keras.layers.GlobalAveragePooling2D(dtype="float32")(out) for out in outputs[:-1]]
     last = model.get_layer("gap")(outputs[-1])
     probs = model.get_layer("head")(model.get_layer("dropout")(last))
     features = keras.layers.Concatenate(dtype="float32")([*pooled, keras.ops.cast(last, "float32")])
+    return probs, features, outputs[-1]
+
+
+def with_features(model: keras.Model) -> keras.Model:
+    """The same network with a second output: the features the out-of-distribution score is computed on.
+
+    Shares every layer and weight with `model`, so one forward pass yields the call and the features.
+    """
+    probs, features, _ = _outputs(model, model.input)
     return keras.Model(model.input, [probs, features], name=f"{model.name}_features")
+
+
+def lite_network(model: keras.Model) -> keras.Model:
+    """The network `app.ml.lite` runs: uint8 pixels in; "probs", "features" and "class_maps" out.
+
+    class_maps are the last block's maps times the head's weights (n, h, w, classes): for a pooled linear head
+    the Grad-CAM map of a class score is exactly the rectified class map, so no gradient is needed to serve it.
+    """
+    size = model.input_shape[1]
+    pixels = keras.Input((size, size, 3), dtype="uint8", name="pixels")
+    probs, features, maps = _outputs(model, keras.ops.cast(pixels, "float32"))
+    class_maps = keras.ops.matmul(keras.ops.cast(maps, "float32"), model.get_layer("head").kernel)
+    return keras.Model(pixels, {"probs": probs, "features": features, "class_maps": class_maps}, name="papcad_lite")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.covariance import LedoitWolf
 
 OOD_FILE = "ood.npz"
 # Share of in-distribution (validation) cells the cut-off keeps: 5 % of typical cells go to review.
@@ -42,6 +41,8 @@ class StageDistance:
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray) -> "StageDistance":
         """Means per class present and the shrunk covariance of the class-centred features."""
+        from sklearn.covariance import LedoitWolf  # fitting only: a server never pays for importing scikit-learn
+
         features = np.asarray(features, dtype=np.float64)
         classes = np.unique(labels)
         means = np.stack([features[labels == c].mean(axis=0) for c in classes])

@@ -113,7 +113,7 @@ def fit_ood_model_dir(model_dir: Path, dataset: Dataset, limit: int | None = Non
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     check_dataset(card, dataset)
-    classifier = Classifier.load(model_dir, with_ood=False)
+    classifier = Classifier.load(model_dir, with_ood=False, precision="float32")
     split_info = card["data"]["split"]
     split = fixed_split(dataset, split_info["seed"], val_folds=split_info["val_folds"])
     # A limited run takes every k-th image: the indices run class by class, so every class stays in.

@@ -75,7 +75,10 @@ def decode_image(data: bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Ima
     image = data if isinstance(data, Image.Image) else open_image(data, max_pixels)
     if image.width < 1 or image.height < 1:
         raise InvalidImageError("the image has no pixels")
-    return _upright(image).convert("RGB")
+    upright = _upright(image)
+    if upright.mode == "RGB" and upright is not data:
+        return upright  # already a fresh RGB image: no second full-size copy (95 MiB for a 5000 x 5000 upload)
+    return upright.convert("RGB")
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -3,9 +3,9 @@
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from app.ml.inference import TTA
 from app.ml.model import BackboneWeights, Normalization
 from app.ml.preprocessing import InputSpec
+from app.ml.runtime import TTA
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def robustness_model_dir(
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     check_dataset(card, dataset)
-    classifier = Classifier.load(model_dir, batch_size=64)
+    classifier = Classifier.load(model_dir, batch_size=64, precision="float32")
     info = card["data"]["split"]
     parts = fixed_split(dataset, info["seed"], val_folds=info["val_folds"])
     indices = parts.test if split == "test" else parts.val

@@ -1,11 +1,9 @@
-"""Grad-CAM heatmaps for stored predictions: computed on demand, cached on disk by image and model.
+"""Class-activation heatmaps for stored predictions: computed on demand, cached on disk by image and model.
 
 A heatmap explains a call only when drawn by the model that made it: the prediction's weights pick the model
 (the active one, the candidate, or a retired version the registry loads for it; see `LiveModels.model_for`).
 """
 
-import threading
-import weakref
 from pathlib import Path
 from typing import Protocol
 
@@ -13,7 +11,7 @@ from app.db.models import Prediction
 from app.errors import ConflictError, InputError
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
-from app.ml.explain import GradCam, heatmap_png
+from app.ml.explain import heatmap_png
 
 
 class ModelSource(Protocol):
@@ -28,8 +26,6 @@ class Heatmaps:
     def __init__(self, models: Classifier | ModelSource, cache_dir: Path):
         self.models = models
         self.cache_dir = Path(cache_dir)
-        self._cams: weakref.WeakKeyDictionary[Classifier, GradCam] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
 
     def _model(self, prediction: Prediction) -> Classifier:
         if isinstance(self.models, Classifier):
@@ -40,13 +36,6 @@ class Heatmaps:
                 )
             return self.models
         return self.models.model_for(prediction.weights_sha256)
-
-    def _gradcam(self, model: Classifier) -> GradCam:
-        with self._lock:
-            cam = self._cams.get(model)
-            if cam is None:
-                cam = self._cams[model] = GradCam(model.predictor.model)
-            return cam
 
     def png(self, prediction: Prediction, image_bytes: bytes, class_name: str | None = None) -> bytes:
         """PNG of the map for class_name (default: the model's call), in the image's aspect (at most 1024 px a side),
@@ -59,7 +48,7 @@ class Heatmaps:
         path = self.cache_dir / f"{prediction.image.sha256}-{model.weights_sha256[:16]}-{index}.png"
         if path.is_file():
             return path.read_bytes()
-        data = heatmap_png(self._gradcam(model), image_bytes, model.spec, index)
+        data = heatmap_png(model.heatmap, image_bytes, model.spec, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(data)

@@ -21,7 +21,7 @@ from app.errors import ConflictError, PermissionDeniedError
 from app.ml.artifact import read_card, sha256_file, write_card
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
-from app.ml.explain import GradCam, heatmap_png
+from app.ml.explain import heatmap_png
 from app.services import registry, site_data
 from app.services.actors import SYSTEM, Actor
 
@@ -172,9 +172,7 @@ def low_cutoff_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def drawn_by(model: Classifier, image_path: Path, class_name: str) -> bytes:
-    return heatmap_png(
-        GradCam(model.predictor.model), image_path.read_bytes(), model.spec, CLASS_NAMES.index(class_name)
-    )
+    return heatmap_png(model.heatmap, image_path.read_bytes(), model.spec, CLASS_NAMES.index(class_name))
 
 
 @pytest.mark.slow  # promotes a second model on a live server and draws heatmaps with both
