@@ -41,6 +41,7 @@ def exported(tiny_model_dir, herlev_dir, tmp_path_factory) -> tuple[Path, dict, 
     return model_dir, section, pixels, labels
 
 
+@pytest.mark.slow  # converts a network to LiteRT
 def test_export_records_a_verified_file_made_from_these_weights_and_its_check(exported):
     model_dir, section, _, labels = exported
     card = read_card(model_dir)
@@ -56,6 +57,7 @@ def test_export_records_a_verified_file_made_from_these_weights_and_its_check(ex
     assert check["passed"] == (check["points_lost_7class"] <= 0.5 and check["points_lost_sensitivity"] <= 0.5)
 
 
+@pytest.mark.slow  # converts a network to LiteRT
 def test_the_int8_network_answers_like_the_keras_network(exported, tiny):
     model_dir, _, pixels, _ = exported
     lite = Classifier.load(model_dir, precision="int8")
@@ -73,6 +75,7 @@ def test_the_int8_network_answers_like_the_keras_network(exported, tiny):
     np.testing.assert_allclose(chunked.predict_pixels(pixels), probs, atol=1e-5)
 
 
+@pytest.mark.slow  # converts a network to LiteRT
 def test_the_class_activation_map_is_grad_cam(exported, tiny):
     """For a pooled linear head, Grad-CAM of a class score is the rectified class map: same maps, no gradient."""
     model_dir, _, pixels, _ = exported
@@ -90,6 +93,7 @@ def test_the_class_activation_map_is_grad_cam(exported, tiny):
     assert compared >= 6
 
 
+@pytest.mark.slow  # converts a network to LiteRT
 def test_a_tampered_or_foreign_int8_file_is_refused(exported, tmp_path):
     model_dir = tmp_path / "m"
     shutil.copytree(exported[0], model_dir)
