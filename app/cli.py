@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from app.errors import PapcadError
-from app.ml.site_cells import MIN_ACCESSIONS, MIN_REVIEWED_CELLS  # light: no TensorFlow
+from app.ml.site_cells import ADAPT_EPOCHS, MIN_ACCESSIONS, MIN_REVIEWED_CELLS  # light: no TensorFlow
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `papcad --help` stays fast
     from sqlalchemy.orm import Session
@@ -199,7 +199,9 @@ def adapt(
         Path | None,
         typer.Option(help="The base model's training folder (e.g. Herlev), mixed in so its classes are not forgotten."),
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1, max=100, help="Passes over the site's training cells.")] = 6,
+    epochs: Annotated[
+        int, typer.Option(min=1, max=100, help="Passes over the site's training cells (more: more forgetting).")
+    ] = ADAPT_EPOCHS,
     learning_rate: Annotated[
         float, typer.Option(min=1e-7, max=1e-2, help="Peak Adam learning rate (one epoch warm-up, cosine decay).")
     ] = 1e-4,

@@ -10,7 +10,7 @@
 4. Extra, outside the card: the shifted Herlev *test* split (cells neither model saw in any form) is
    scored by the base and the adapted model.
 
-    .venv/bin/python bench/site_adaptation.py --work /tmp/site_run [--epochs 6] [--limit N]
+    .venv/bin/python bench/site_adaptation.py --work /tmp/site_run [--epochs N] [--limit N]
 
 Results: bench/results/site_adaptation.json and the adapted model in <work>/adapted (not in the repo).
 """
@@ -34,6 +34,7 @@ from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
 from app.ml.data import discover, fixed_split
 from app.ml.evaluation import compute_metrics
+from app.ml.finetune import AdaptConfig
 from app.ml.preprocessing import prepare_image
 from app.ml.site_shift import DESCRIPTION, site_png
 from app.services import accounts, reviews
@@ -126,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="Empty folder for the database and the model.")
     parser.add_argument("--model", type=Path, default=REPO_ROOT / BUNDLED_MODEL)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--out", type=Path, default=None, help="Adapted model directory; default: <work>/adapted.")
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N site cells.")

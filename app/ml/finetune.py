@@ -21,6 +21,7 @@ from app.ml.artifact import verified_weights_path
 from app.ml.classes import CLASS_NAMES
 from app.ml.inference import Predictor
 from app.ml.model import build_model, load_weights
+from app.ml.site_cells import ADAPT_EPOCHS
 from app.ml.train import augmentation
 
 
@@ -28,11 +29,11 @@ from app.ml.train import augmentation
 class AdaptConfig:
     """The fine-tuning recipe; the defaults are the one measured on the simulated site (model_store/README.md)."""
 
-    epochs: int = 6
+    epochs: int = ADAPT_EPOCHS
     optimizer: str = "adam"  # or "sgd" (momentum 0.9)
     learning_rate: float = 1e-4
     batch_size: int = 32
-    base_share: float = 0.5  # of every batch, when base data is given
+    base_share: float = 0.75  # of every batch, when base data is given: 8 site cells + 24 base images
     distillation: float = 1.0  # weight of the base model's probabilities in the base images' targets
     l2sp: float = 0.1  # alpha/2 * ||w - w_base||^2, summed over every trainable weight
     label_smoothing: float = 0.1

@@ -13,6 +13,8 @@ from app.errors import PapcadError
 # with enough cells on each side to fit a cut-off and to judge the result.
 MIN_REVIEWED_CELLS = 40
 MIN_ACCESSIONS = 5
+# Passes over the site's training cells in `papcad adapt` (the recipe's default; see app.ml.finetune.AdaptConfig).
+ADAPT_EPOCHS = 2
 
 
 class TooFewCellsError(PapcadError):
