@@ -138,6 +138,7 @@ def refitted_model(herlev_dir, tmp_path_factory) -> tuple[Path, dict]:
         shutil.copy(DEFAULT_MODEL_DIR / name, model_dir / name)
     card = read_card(model_dir)
     card.pop("ood", None)
+    card.pop("serving", None)  # the int8 network is not copied: this copy runs on Keras
     write_card(model_dir, card)
     section = fit_ood_model_dir(model_dir, discover(herlev_dir), limit=21)
     return model_dir, section

@@ -53,8 +53,6 @@ class LitePredictor(ViewAverage):
         self._interpreter = Interpreter(model_path=str(path), num_threads=cpu_threads())
         self._runner = self._interpreter.get_signature_runner()
         self._lock = threading.Lock()
-        size = self._runner.get_input_details()["pixels"]["shape"][1]
-        self.size = int(size)
 
     def _run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:
