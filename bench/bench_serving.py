@@ -81,6 +81,14 @@ def batch_peaks(work, images):
 def imported():
     names = ("tensorflow", "keras", "ai_edge_litert", "matplotlib", "sklearn", "scipy", "skimage")
     return {name: name in sys.modules for name in names}
+
+def two_batches(out, predict, files):
+    # The batch of cells twice: the peak of the first, RSS after the second, and what was imported by then.
+    data = [Path(f).read_bytes() for f in files]
+    out["after_batch"] = batch_peaks(lambda: predict(data), len(data))
+    predict(data)
+    out["after_second_batch"] = {"rss_mib": rss(), "peak_rss_mib": peak()}
+    out["imported"] = imported()
 """
 
 MEMORY_CHILD = (
@@ -111,11 +119,7 @@ else:
     run = classifier.predict
     out["precision"] = classifier.predictor.precision
 out["after_load"] = {"rss_mib": rss(), "peak_rss_mib": peak(), **private()}
-data = [Path(f).read_bytes() for f in files]
-out["after_batch"] = batch_peaks(lambda: run(data), len(data))
-run(data)
-out["after_second_batch"] = {"rss_mib": rss(), "peak_rss_mib": peak()}
-out["imported"] = imported()
+two_batches(out, run, files)
 print("RESULT " + json.dumps(out))
 """
 )
@@ -138,11 +142,7 @@ with TestClient(create_app(settings)) as client:
     out["imported_at_ready"] = imported()
     context = client.app.state.context
     classifier = context.models.held() if context.models is not None else context.classifier
-    data = [Path(f).read_bytes() for f in files]
-    out["after_batch"] = batch_peaks(lambda: classifier.predict(data), len(data))
-    classifier.predict(data)
-    out["after_second_batch"] = {"rss_mib": rss(), "peak_rss_mib": peak()}
-    out["imported"] = imported()
+    two_batches(out, classifier.predict, files)
 print("RESULT " + json.dumps(out))
 """
 )
