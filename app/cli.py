@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from app.errors import PapcadError
-from app.ml.site_cells import ADAPT_EPOCHS, MIN_ACCESSIONS, MIN_REVIEWED_CELLS  # light: no TensorFlow
+from app.ml.site_cells import (
+    ADAPT_EPOCHS,
+    ADAPT_LEARNING_RATE,
+    MIN_ACCESSIONS,
+    MIN_REVIEWED_CELLS,
+)  # light: no TensorFlow
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `papcad --help` stays fast
     from sqlalchemy.orm import Session
@@ -54,7 +59,13 @@ def train(
     init_from: Annotated[
         Path | None, typer.Option(help="Start from this model directory's weights (same input size and split).")
     ] = None,
-    cv: Annotated[int, typer.Option(help="Run grouped k-fold cross-validation with this k instead.")] = 0,
+    cv: Annotated[
+        int,
+        typer.Option(
+            help="Run grouped k-fold cross-validation with this k instead: every stage retrained per fold (with "
+            "--init-from, the starting model's recipe first); a rerun keeps the folds already scored in --out."
+        ),
+    ] = 0,
 ) -> None:
     """Train a model on the grouped split, then evaluate it on its held-out test set."""
     from app.ml.data import discover
@@ -200,11 +211,17 @@ def adapt(
         typer.Option(help="The base model's training folder (e.g. Herlev), mixed in so its classes are not forgotten."),
     ] = None,
     epochs: Annotated[
-        int, typer.Option(min=1, max=100, help="Passes over the site's training cells (more: more forgetting).")
+        int,
+        typer.Option(
+            min=1,
+            max=100,
+            help="Passes over the site's training cells (more: more forgetting). At most 260 steps of 8 site cells in "
+            "all: on a large site each pass covers a random part of it, so the time stays bounded.",
+        ),
     ] = ADAPT_EPOCHS,
     learning_rate: Annotated[
         float, typer.Option(min=1e-7, max=1e-2, help="Peak Adam learning rate (one epoch warm-up, cosine decay).")
-    ] = 1e-4,
+    ] = ADAPT_LEARNING_RATE,
     since: Annotated[
         str | None, typer.Option(help="Only cells whose final review is on or after DATE (YYYY-MM-DD).")
     ] = None,

@@ -10,13 +10,18 @@
 4. Extra, outside the card: the shifted Herlev *test* split (cells neither model saw in any form) is
    scored by the base and the adapted model.
 
-    .venv/bin/python bench/site_adaptation.py --work /tmp/site_run [--epochs N] [--limit N]
+    .venv/bin/python bench/site_adaptation.py --work /tmp/site_run [--epochs N] [--limit N] [--copies N]
+
+`--copies 2` uploads every site cell twice (the second copy turned by 90 degrees, same accession): 1,466
+reviewed cells, for timing `papcad adapt` at the size a laboratory reaches first. The copies are not new
+cells, so that run's accuracy figures say less than the 733-cell run's.
 
 Results: bench/results/site_adaptation.json and the adapted model in <work>/adapted (not in the repo).
 """
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 from common import BENCH_DIR, HERLEV_DIR, REPO_ROOT, machine_info, write_json
+from PIL import Image
 
 from app.config import BUNDLED_MODEL, Settings
 from app.db.migrate import upgrade_to_head
@@ -58,7 +64,18 @@ def accessions(groups: list[str]) -> dict[str, str]:
     return out
 
 
-def populate(database_url: str, data_dir: Path, model_dir: Path, limit: int | None) -> dict:
+def turned(png: bytes, quarter_turns: int) -> bytes:
+    """The same PNG turned by quarter_turns x 90 degrees (a cell has no orientation)."""
+    if quarter_turns % 4 == 0:
+        return png
+    with Image.open(io.BytesIO(png)) as image:
+        rotated = image.rotate(90 * quarter_turns, expand=True)
+    buffer = io.BytesIO()
+    rotated.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def populate(database_url: str, data_dir: Path, model_dir: Path, limit: int | None, copies: int = 1) -> dict:
     dataset = discover(HERLEV_DIR)
     card_split = Classifier.load(model_dir).card["data"]["split"]
     split = fixed_split(dataset, card_split["seed"], val_folds=card_split["val_folds"])
@@ -80,9 +97,10 @@ def populate(database_url: str, data_dir: Path, model_dir: Path, limit: int | No
     store = ImageStore()
     lis = Actor("apikey", 1, "site-lis")
     started = time.monotonic()
-    for n, sample in enumerate(samples, 1):
+    uploads = [(sample, copy) for copy in range(copies) for sample in samples]
+    for n, (sample, copy) in enumerate(uploads, 1):
         submission = service.Submission(
-            site_png(sample.path.read_bytes()), "api", slide_of[sample.group], sample.path.name
+            turned(site_png(sample.path.read_bytes()), copy), "api", slide_of[sample.group], sample.path.name
         )
         with factory() as session:
             prediction, _ = service.create_prediction(session, batcher, store, settings, lis, submission)
@@ -91,10 +109,11 @@ def populate(database_url: str, data_dir: Path, model_dir: Path, limit: int | No
         with factory() as session:
             reviews.add_review(session, reviewer, prediction.id, action, label if action == "override" else None, None)
         if n % 100 == 0:
-            print(f"{n}/{len(samples)} cells uploaded and reviewed", flush=True)
+            print(f"{n}/{len(uploads)} cells uploaded and reviewed", flush=True)
     batcher.stop()
     return {
-        "cells": len(samples),
+        "cells": len(uploads),
+        "copies_per_cell": copies,
         "accessions": len(set(slide_of.values())),
         "minutes": round((time.monotonic() - started) / 60, 1),
         "test_split": [int(i) for i in split.test],
@@ -128,9 +147,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="Empty folder for the database and the model.")
     parser.add_argument("--model", type=Path, default=REPO_ROOT / BUNDLED_MODEL)
     parser.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--learning-rate", type=float, default=AdaptConfig.learning_rate)
     parser.add_argument("--out", type=Path, default=None, help="Adapted model directory; default: <work>/adapted.")
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N site cells.")
+    parser.add_argument("--copies", type=int, default=1, help="Upload every site cell this many times (turned).")
     parser.add_argument("--populate-only", action="store_true", help="Build the site database, do not adapt.")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results" / "site_adaptation.json")
     args = parser.parse_args()
@@ -141,7 +161,7 @@ def main() -> None:
     result = {"machine": machine_info(), "site_shift": DESCRIPTION, "base_model": args.model.name}
     site_file = args.work / "site.json"
     if not site_file.is_file():  # populate once; later runs adapt the same site again
-        site_file.write_text(json.dumps(populate(database_url, data_dir, args.model, args.limit)))
+        site_file.write_text(json.dumps(populate(database_url, data_dir, args.model, args.limit, args.copies)))
     result["site"] = json.loads(site_file.read_text())
     print(f"site ready: {result['site']['cells']} cells in {result['site']['accessions']} accessions", flush=True)
     if args.populate_only:

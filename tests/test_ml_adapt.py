@@ -18,6 +18,8 @@ from app.ml.adapt import (
 from app.ml.artifact import read_card, sha256_file
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
+from app.ml.finetune import fine_tune
+from app.ml.preprocessing import prepare_image
 from app.ml.site_shift import site_png
 
 FAST = AdaptConfig(epochs=1, batch_size=8)
@@ -104,3 +106,27 @@ def test_adapt_writes_a_loadable_versioned_model(site_cells, tiny_model_dir, tmp
     assert serving["int8"]["sha256"] == sha256_file(out / serving["int8"]["file"])
     assert serving["check"]["n"] == split["test"]["cells"] and serving["check"]["cells"] == "held-out site accessions"
     assert loaded.predictor.precision == serving["auto"]
+
+
+def _pixels(cells: list[SiteCell], classifier: Classifier) -> tuple[np.ndarray, np.ndarray]:
+    x = np.stack([prepare_image(c.data, classifier.spec) for c in cells])
+    return x, np.array([CLASS_NAMES.index(c.label) for c in cells])
+
+
+@pytest.mark.slow  # real (tiny) fine-tuning steps
+def test_a_large_site_is_trained_for_at_most_max_steps(site_cells, tiny_model_dir):
+    base = Classifier.load(tiny_model_dir, with_ood=False, precision="float32")
+    site = _pixels(site_cells, base)  # 56 cells: 14 steps of 4 site cells per epoch without the cap
+    card = read_card(tiny_model_dir)
+    capped = AdaptConfig(epochs=2, batch_size=8, base_share=0.5, max_steps=6)
+    _, history = fine_tune(tiny_model_dir, card, site, site, capped, progress=False)
+    assert history["steps_per_epoch"] == [3.0] and len(history["loss"]) == 2
+    _, history = fine_tune(
+        tiny_model_dir,
+        card,
+        site,
+        site,
+        AdaptConfig(epochs=1, batch_size=8, base_share=0.5, max_steps=0),
+        progress=False,
+    )
+    assert history["steps_per_epoch"] == [14.0]

@@ -282,3 +282,53 @@ def test_grouped_cross_validation_runs_every_fold(runs, cli_inputs):
 
 def test_evaluate_refuses_data_the_model_was_not_trained_on(evaluations):
     assert_clean_failure(evaluations["other_data"], 2, "fingerprint differs")
+
+
+# --- cross-validation of a recipe that starts from another model ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_stage_recipe(tiny_model_dir, tmp_path_factory):
+    """A tiny 'robust' recipe starting from a model whose card records a tiny 'default' recipe."""
+    from app.ml.preprocessing import InputSpec
+    from app.ml.recipes import DEFAULT, ROBUST
+
+    tiny = {"epochs": 1, "warmup_epochs": 0, "input": InputSpec(size=32, fit="resize"), "tta": "none"}
+    first = DEFAULT.with_overrides(**tiny)
+    starting = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("starting") / "m")
+    card = read_card(starting)
+    card["recipe"] = first.to_dict()
+    (starting / CARD_FILE).write_text(json.dumps(card))
+    return first, ROBUST.with_overrides(**tiny, init_from=str(starting))
+
+
+def test_a_starting_models_recipe_is_read_from_its_card(two_stage_recipe):
+    from app.ml.train import recipe_stages
+
+    first, second = two_stage_recipe
+    stages = recipe_stages(second)
+    assert [s.to_dict() for s in stages] == [first.to_dict(), second.to_dict()]
+
+
+def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_recipe, tiny_dataset, tmp_path, capsys):
+    """The starting model saw other folds' held-out cells, so each fold trains both stages; a rerun keeps the
+    folds already scored (a fold file whose recipe differs is redone)."""
+    from app.ml.data import discover
+    from app.ml.train import cross_validate
+
+    _, recipe = two_stage_recipe
+    dataset = discover(tiny_dataset)
+    report = cross_validate(dataset, recipe, 2, tmp_path)
+    printed = capsys.readouterr().out
+    assert printed.count("stage 1/2: recipe default") == 2 and printed.count("stage 2/2: recipe robust") == 2
+    assert [s["name"] for s in report["stages"]] == ["default", "robust"]
+    assert sum(fold["n"] for fold in report["folds"]) == len(dataset.samples)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cv_metrics.json", "fold_1_of_2.json", "fold_2_of_2.json"]
+
+    record = json.loads((tmp_path / "fold_2_of_2.json").read_text())
+    (tmp_path / "fold_2_of_2.json").write_text(json.dumps({**record, "key": "another recipe"}))
+    again = cross_validate(dataset, recipe, 2, tmp_path)
+    printed = capsys.readouterr().out
+    assert "fold 1/2: scored by an earlier run" in printed and printed.count("stage 1/2") == 1
+    assert again["folds"][0] == report["folds"][0]
+    assert json.loads((tmp_path / "fold_2_of_2.json").read_text())["key"] == record["key"]

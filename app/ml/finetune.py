@@ -21,7 +21,7 @@ from app.ml.artifact import verified_weights_path
 from app.ml.classes import CLASS_NAMES
 from app.ml.inference import Predictor
 from app.ml.model import build_model, load_weights
-from app.ml.site_cells import ADAPT_EPOCHS
+from app.ml.site_cells import ADAPT_EPOCHS, ADAPT_LEARNING_RATE
 from app.ml.train import augmentation
 
 
@@ -31,7 +31,7 @@ class AdaptConfig:
 
     epochs: int = ADAPT_EPOCHS
     optimizer: str = "adam"  # or "sgd" (momentum 0.9)
-    learning_rate: float = 1e-4
+    learning_rate: float = ADAPT_LEARNING_RATE
     batch_size: int = 32
     base_share: float = 0.75  # of every batch, when base data is given: 8 site cells + 24 base images
     distillation: float = 1.0  # weight of the base model's probabilities in the base images' targets
@@ -41,6 +41,9 @@ class AdaptConfig:
     # stages feed every later one through frozen BatchNorm (the stem's divides by about 0.26): they move least.
     stage_rates: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 1.0, 1.0)
     augmentation: str = "cell"
+    # At most this many steps in all (0: no limit): a site of more than about 1,000 training cells (some 1,600
+    # reviewed cells) sees a random part of itself per epoch, so its time stays bounded.
+    max_steps: int = 260
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -146,6 +149,8 @@ def fine_tune(
     base_size = max(1, round(config.batch_size * config.base_share)) if mixed is not None else 0
     site_size = max(1, min(config.batch_size - base_size, len(site[0])))
     steps = max(1, len(site[0]) // site_size)
+    if config.max_steps:
+        steps = min(steps, max(1, config.max_steps // config.epochs))
     augment = augmentation(config.augmentation)
     site_ds = _batches(*site, site_size, config.seed, augment)
     if mixed is not None:
@@ -214,6 +219,7 @@ def fine_tune(
                 history["validation_score"].append(score)
                 if best is None or score > best[0]:
                     best = (score, epoch + 1, [v.numpy() for v in variables])
+    history["steps_per_epoch"] = [float(steps)]
     if best is not None:
         for variable, value in zip(variables, best[2], strict=True):
             variable.assign(value)

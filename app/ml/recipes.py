@@ -1,6 +1,6 @@
 """Training recipes: the published method, and the default model our offline machines can train."""
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from app.ml.model import BackboneWeights, Normalization
@@ -40,6 +40,17 @@ class Recipe:
         data["input"] = self.input.to_dict()
         data["backbone"] = self.backbone.describe()
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        """The recipe a model card records (`to_dict`), e.g. to retrain a starting model in cross-validation."""
+        backbone = data.get("backbone") or {}
+        if backbone.get("source", "none") not in ("none", "imagenet"):
+            raise ValueError("this card's backbone came from a local file whose path it does not record")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values.update(input=InputSpec.from_dict(data["input"]), backbone=BackboneWeights(source=backbone["source"]))
+        return cls(**values)
 
     def with_overrides(self, **changes: Any) -> "Recipe":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -13,8 +13,10 @@ from app.errors import PapcadError
 # with enough cells on each side to fit a cut-off and to judge the result.
 MIN_REVIEWED_CELLS = 40
 MIN_ACCESSIONS = 5
-# Passes over the site's training cells in `papcad adapt` (the recipe's default; see app.ml.finetune.AdaptConfig).
+# The recipe's defaults for `papcad adapt` (see app.ml.finetune.AdaptConfig): passes over the site's training
+# cells, and the peak learning rate.
 ADAPT_EPOCHS = 2
+ADAPT_LEARNING_RATE = 1e-4
 
 
 class TooFewCellsError(PapcadError):

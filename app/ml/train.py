@@ -4,7 +4,9 @@ split (by group) -> load pixels -> augment -> fit -> save float16 weights + card
 """
 
 import contextlib
+import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,8 +16,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from app.errors import DatasetError
 from app.ml import augment
-from app.ml.artifact import WEIGHTS_FILE, sha256_file, write_card
+from app.ml.artifact import WEIGHTS_FILE, read_card, sha256_file, write_card
 from app.ml.classes import ABNORMAL_CLASSES, BETHESDA_HINT, CLASS_NAMES, NORMAL_CLASSES
 from app.ml.data import Dataset, fixed_split, grouped_folds, load_arrays
 from app.ml.evaluation import compute_metrics, plot_history
@@ -201,17 +204,64 @@ def train(dataset: Dataset, recipe: Recipe, out_dir: Path, version: str) -> dict
     return evaluate_model_dir(out_dir, dataset)
 
 
+def recipe_stages(recipe: Recipe) -> list[Recipe]:
+    """The recipes that make a model, first to last: the recipe itself and, before it, the recipe of the model it
+    starts from (`init_from`, read from that model's card), and so on. Cross-validation retrains every stage on
+    each fold: a starting model trained on the fixed split has seen other folds' held-out cells."""
+    if recipe.init_from is None:
+        return [recipe]
+    try:
+        parent = Recipe.from_dict(read_card(Path(recipe.init_from))["recipe"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DatasetError(f"cannot retrain the starting model {recipe.init_from} from its card: {exc}") from exc
+    return [*recipe_stages(parent), recipe]
+
+
+def _fit_stages(x: np.ndarray, y: np.ndarray, stages: list[Recipe], work: Path) -> keras.Model:
+    """Train each stage from the previous stage's weights (kept in work/ until the last stage is done)."""
+    model: keras.Model | None = None
+    for number, stage in enumerate(stages, 1):
+        if model is not None:  # float16 on disk, as a starting model's weights always are
+            previous = work / f"stage_{number - 1}"
+            previous.mkdir(parents=True, exist_ok=True)
+            save_weights(model, previous / WEIGHTS_FILE)
+            stage = stage.with_overrides(init_from=str(previous))
+        print(f"  stage {number}/{len(stages)}: recipe {stage.name}, {stage.epochs} epochs", flush=True)
+        model, _ = fit(x, y, stage)
+    assert model is not None
+    shutil.rmtree(work, ignore_errors=True)
+    return model
+
+
 def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> dict[str, Any]:
-    """Grouped, stratified k-fold CV: train on k-1 folds, score the held-out fold, k times."""
+    """Grouped, stratified k-fold CV: train on k-1 folds (every stage of the recipe), score the held-out fold.
+
+    Each scored fold is written to out_dir at once, and a rerun with the same recipe and data skips it: five
+    folds of the shipped recipe take hours on a CPU, and a stopped run resumes where it stopped.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stages = recipe_stages(recipe)
     x, y = load_arrays(dataset, recipe.input)
+    recipes_key = json.dumps([stage.to_dict() for stage in stages], sort_keys=True) + dataset.fingerprint()
     folds = []
     for index, (train_idx, test_idx) in enumerate(grouped_folds(dataset, k, recipe.seed)):
+        name = f"fold_{index + 1}_of_{k}"
+        key = hashlib.sha256((recipes_key + ",".join(map(str, test_idx))).encode()).hexdigest()
+        record = out_dir / f"{name}.json"
+        if record.is_file() and json.loads(record.read_text()).get("key") == key:
+            print(f"fold {index + 1}/{k}: scored by an earlier run ({record.name}), skipped", flush=True)
+            folds.append(json.loads(record.read_text())["metrics"])
+            continue
         print(f"fold {index + 1}/{k}: {len(train_idx)} train, {len(test_idx)} held out", flush=True)
-        model, _ = fit(x[train_idx], y[train_idx], recipe)
-        probs = Predictor(model, tta=recipe.tta)(x[test_idx])
-        folds.append(compute_metrics(y[test_idx], probs))
+        model = _fit_stages(x[train_idx], y[train_idx], stages, out_dir / f".{name}-stages")
+        metrics = compute_metrics(y[test_idx], Predictor(model, tta=recipe.tta)(x[test_idx]))
+        partial = record.with_suffix(".partial")
+        partial.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2) + "\n")
+        partial.replace(record)  # a fold is either recorded whole or not at all
+        folds.append(metrics)
+        del model
+        keras.backend.clear_session()
     summary = {}
     picks: dict[str, Callable[[dict[str, Any]], float]] = {
         "accuracy_7class": lambda m: m["multiclass"]["accuracy"],
@@ -222,6 +272,12 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
     for name, pick in picks.items():
         values = np.array([pick(m) for m in folds], dtype=np.float64)
         summary[name] = {"mean": float(values.mean()), "std": float(values.std()), "folds": values.tolist()}
-    result = {"k": k, "recipe": recipe.to_dict(), "summary": summary, "folds": folds}
+    result = {
+        "k": k,
+        "recipe": recipe.to_dict(),
+        "stages": [stage.to_dict() for stage in stages],
+        "summary": summary,
+        "folds": folds,
+    }
     (out_dir / "cv_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
