@@ -13,13 +13,13 @@ from app.ml.adapt import (
     SiteCell,
     TooFewCellsError,
     adapt,
+    site_arrays,
     split_site,
 )
 from app.ml.artifact import read_card, sha256_file
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
 from app.ml.finetune import fine_tune
-from app.ml.preprocessing import prepare_image
 from app.ml.site_shift import site_png
 
 FAST = AdaptConfig(epochs=1, batch_size=8)
@@ -108,15 +108,11 @@ def test_adapt_writes_a_loadable_versioned_model(site_cells, tiny_model_dir, tmp
     assert loaded.predictor.precision == serving["auto"]
 
 
-def _pixels(cells: list[SiteCell], classifier: Classifier) -> tuple[np.ndarray, np.ndarray]:
-    x = np.stack([prepare_image(c.data, classifier.spec) for c in cells])
-    return x, np.array([CLASS_NAMES.index(c.label) for c in cells])
-
-
 @pytest.mark.slow  # real (tiny) fine-tuning steps
 def test_a_large_site_is_trained_for_at_most_max_steps(site_cells, tiny_model_dir):
-    base = Classifier.load(tiny_model_dir, with_ood=False, precision="float32")
-    site = _pixels(site_cells, base)  # 56 cells: 14 steps of 4 site cells per epoch without the cap
+    spec = Classifier.load(tiny_model_dir, with_ood=False, precision="float32").spec
+    x, y, _ = site_arrays(site_cells, spec)
+    site = (x, y)  # 56 cells: 14 steps of 4 site cells per epoch without the cap
     card = read_card(tiny_model_dir)
     capped = AdaptConfig(epochs=2, batch_size=8, base_share=0.5, max_steps=6)
     _, history = fine_tune(tiny_model_dir, card, site, site, capped, progress=False)
