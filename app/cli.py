@@ -12,6 +12,7 @@ from app.errors import PapcadError
 from app.ml.site_cells import (
     ADAPT_EPOCHS,
     ADAPT_LEARNING_RATE,
+    ADAPT_MAX_STEPS,
     MIN_ACCESSIONS,
     MIN_REVIEWED_CELLS,
 )  # light: no TensorFlow
@@ -215,7 +216,7 @@ def adapt(
         typer.Option(
             min=1,
             max=100,
-            help="Passes over the site's training cells (more: more forgetting). At most 260 steps of 8 site cells in "
+            help=f"Passes over the site's training cells (more: more forgetting). At most {ADAPT_MAX_STEPS} steps in "
             "all: on a large site each pass covers a random part of it, so the time stays bounded.",
         ),
     ] = ADAPT_EPOCHS,

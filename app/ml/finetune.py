@@ -21,7 +21,7 @@ from app.ml.artifact import verified_weights_path
 from app.ml.classes import CLASS_NAMES
 from app.ml.inference import Predictor
 from app.ml.model import build_model, load_weights
-from app.ml.site_cells import ADAPT_EPOCHS, ADAPT_LEARNING_RATE
+from app.ml.site_cells import ADAPT_EPOCHS, ADAPT_LEARNING_RATE, ADAPT_MAX_STEPS
 from app.ml.train import augmentation
 
 
@@ -43,7 +43,7 @@ class AdaptConfig:
     augmentation: str = "cell"
     # At most this many steps in all (0: no limit): a site of more than about 1,000 training cells (some 1,600
     # reviewed cells) sees a random part of itself per epoch, so its time stays bounded.
-    max_steps: int = 260
+    max_steps: int = ADAPT_MAX_STEPS
     seed: int = 1234
 
     def __post_init__(self) -> None:

@@ -249,9 +249,10 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
         name = f"fold_{index + 1}_of_{k}"
         key = hashlib.sha256((recipes_key + ",".join(map(str, test_idx))).encode()).hexdigest()
         record = out_dir / f"{name}.json"
-        if record.is_file() and json.loads(record.read_text()).get("key") == key:
+        earlier = json.loads(record.read_text()) if record.is_file() else {}
+        if earlier.get("key") == key:
             print(f"fold {index + 1}/{k}: scored by an earlier run ({record.name}), skipped", flush=True)
-            folds.append(json.loads(record.read_text())["metrics"])
+            folds.append(earlier["metrics"])
             continue
         print(f"fold {index + 1}/{k}: {len(train_idx)} train, {len(test_idx)} held out", flush=True)
         model = _fit_stages(x[train_idx], y[train_idx], stages, out_dir / f".{name}-stages")
