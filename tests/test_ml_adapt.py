@@ -19,7 +19,7 @@ from app.ml.adapt import (
 from app.ml.artifact import read_card, sha256_file
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
-from app.ml.finetune import fine_tune
+from app.ml.finetune import _network, _reestimate_statistics, fine_tune
 from app.ml.site_shift import site_png
 
 FAST = AdaptConfig(epochs=1, batch_size=8)
@@ -85,6 +85,10 @@ def test_adapt_writes_a_loadable_versioned_model(site_cells, tiny_model_dir, tmp
     assert site["before"]["n"] == site["after"]["n"] == split["test"]["cells"]
     assert adaptation["base_data"] is None and adaptation["base_test_metrics"] is None
     assert len(adaptation["history"]["loss"]) == FAST.epochs
+    # Where the time went, phase by phase (the phases are what the whole run is made of).
+    phases = adaptation["minutes_by_phase"]
+    assert set(phases) == {"reading", "fine_tuning", "recalibrating", "scoring", "typical_cell_model", "int8_export"}
+    assert phases["fine_tuning"] > 0 and sum(phases.values()) <= adaptation["minutes"] + 0.06
     assert card["abnormal_threshold"]["chosen_on"] in (
         "site validation",
         "base model (the site validation cells are all of one kind)",
@@ -126,3 +130,37 @@ def test_a_large_site_is_trained_for_at_most_max_steps(site_cells, tiny_model_di
         progress=False,
     )
     assert history["steps_per_epoch"] == [14.0]
+
+
+@pytest.mark.slow  # real (tiny) forward passes and steps
+def test_statistics_are_reestimated_and_nothing_else_moves(site_cells, tiny_model_dir):
+    """Re-estimation changes BatchNorm's moving statistics only; with a share of 0 fine-tuning keeps the base's."""
+    card = read_card(tiny_model_dir)
+    spec = Classifier.load(tiny_model_dir, with_ood=False, precision="float32").spec
+    x, y, _ = site_arrays(site_cells, spec)
+    base_images = x[:, ::-1]  # another kind of input than the site's cells
+
+    def weights(model) -> list[np.ndarray]:
+        return [v.numpy().copy() for v in model.weights]
+
+    network = _network(tiny_model_dir, card)
+    before = weights(network)
+    _reestimate_statistics(network, x, base_images, AdaptConfig(batch_size=8))
+    after = weights(network)
+    statistics = [i for i, v in enumerate(network.weights) if v.path.endswith(("moving_mean", "moving_variance"))]
+    trained = [i for i, v in enumerate(network.weights) if v.trainable]
+    assert statistics and all(not np.allclose(before[i], after[i]) for i in statistics)
+    assert trained and all(np.array_equal(before[i], after[i]) for i in trained)
+
+    kept, _ = fine_tune(
+        tiny_model_dir,
+        card,
+        (x, y),
+        (base_images, y),
+        AdaptConfig(epochs=1, batch_size=8, max_steps=1, statistics_site_share=0.0),
+        progress=False,
+    )
+    kept_weights = weights(kept)
+    assert all(np.array_equal(before[i], kept_weights[i]) for i in statistics)
+    with pytest.raises(InputError):
+        AdaptConfig(statistics_site_share=1.5)

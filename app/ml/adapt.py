@@ -11,7 +11,8 @@ own test split is in the card):
   * the base images' targets blend their label with the base model's own probabilities (learning
     without forgetting: the adapted network is asked to answer as before);
   * BatchNorm statistics and scales, and the convolution biases in front of them, stay the base
-    model's, so base-data inputs are normalised exactly as before;
+    model's, so base-data inputs are normalised exactly as before (`AdaptConfig.statistics_site_share`
+    re-estimates the statistics on a site/base mix first: measured, not the default);
   * the early stages learn slowest (`stage_rates`): through frozen BatchNorm a change there reaches every
     later layer, amplified;
   * an L2-SP penalty pulls every weight towards its base value, and the learning rate is small,
@@ -27,7 +28,8 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +47,7 @@ from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
 from app.ml.data import Dataset, discover, fixed_split, load_arrays
 from app.ml.evaluation import ABNORMAL_MASK, compute_metrics, write_report
-from app.ml.export import export_int8
+from app.ml.export import export_int8, score
 from app.ml.finetune import AdaptConfig as AdaptConfig  # adapt()'s recipe argument
 from app.ml.finetune import fine_tune, validation_judge
 from app.ml.input_checks import as_sent, input_flags
@@ -61,7 +63,7 @@ from app.ml.site_cells import check_enough as check_enough
 TARGET_SENSITIVITY = 0.95  # as for the base model: a missed abnormal cell is the costly error
 SITE_TEST_FOLDS = 5  # 1/5 of the site's accessions held out for the before/after comparison
 SITE_VAL_FOLDS = 5  # 1/5 of the rest for the temperature and cut-off
-OOD_FIT_CELLS = 800  # training cells for the typical-cell model's class means and covariance (time: 8 views each)
+OOD_FIT_CELLS = 512  # training cells for the typical-cell model's class means and covariance (8 views each: time)
 OOD_SET_CELLS = 20  # images per non-cell set in its check (the shipped model's card uses 40)
 
 
@@ -150,32 +152,13 @@ def _summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[st
     }
 
 
-def _card_summary(card: dict[str, Any]) -> dict[str, Any] | None:
-    """The base model's own test-split figures from its card (written by `papcad evaluate` with the same
-    calibrated, test-time-augmented predictions), so the forgetting check need not score them again."""
-    metrics, cutoff = card.get("metrics") or {}, card.get("abnormal_threshold") or {}
-    keys = ("n", "accuracy_7class", "macro_f1", "binary_accuracy", "binary_sensitivity", "binary_specificity")
-    if metrics.get("split") != "test" or any(k not in metrics for k in (*keys, "binary_roc_auc")):
-        return None
-    return {
-        **{k: metrics[k] for k in (*keys, "binary_roc_auc")},
-        "cutoff": cutoff.get("value"),
-        "cutoff_sensitivity": cutoff.get("test_sensitivity"),
-        "cutoff_specificity": cutoff.get("test_specificity"),
-        "nll": ((card.get("calibration") or {}).get("test") or {}).get("nll_after"),
-        "source": "the base model card",
-    }
-
-
 def _calibrated(classifier: Classifier, pixels: np.ndarray) -> np.ndarray:
     return classifier.predict_pixels(pixels) if len(pixels) else np.zeros((0, len(CLASS_NAMES)))
 
 
-def _recalibrate(
-    classifier: Classifier, x_val: np.ndarray, y_val: np.ndarray, base_threshold: float
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Temperature and cut-off fitted on the site's validation cells (the base cut-off if they cannot say)."""
-    raw = classifier.predictor(x_val)
+def _recalibrate(raw: np.ndarray, y_val: np.ndarray, base_threshold: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Temperature and cut-off fitted on the site's validation cells (their uncalibrated probabilities, `raw`;
+    the base cut-off if they cannot say)."""
     temperature = cal.fit_temperature(raw, y_val)
     scaled = cal.apply_temperature(raw, temperature)
     p_val, abnormal = scaled[:, ABNORMAL_MASK].sum(axis=1), ABNORMAL_MASK[y_val]
@@ -247,30 +230,33 @@ def adapt(
     so a refusal or a failure leaves nothing behind. Returns the new card.
     """
     started = time.monotonic()
+    minutes: dict[str, float] = {}
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     _refuse_out(out_dir)
     check_enough(cells)
     base_card = read_card(base_dir)
-    base_model = Classifier.load(base_dir, with_ood=False, precision="float32")
-    spec = base_model.spec
-    x_site, y_site, groups = site_arrays(cells, spec)
-    split = split_site(y_site, groups, config.seed)
-    base = base_data(base_folder, base_card) if base_folder is not None else None
-    base_arrays = load_arrays(base.dataset.subset(base.mix), spec, progress) if base is not None else None
-    x_val, y_val = x_site[split.val], y_site[split.val]
-    if base is not None and base.val is not None:
-        x_base_val, y_base_val = load_arrays(base.dataset.subset(base.val), spec, progress)
-        x_val, y_val = np.concatenate([x_val, x_base_val]), np.concatenate([y_val, y_base_val])
+    with _timed(minutes, "reading"):
+        base_model = Classifier.load(base_dir, with_ood=False, precision="float32")
+        spec = base_model.spec
+        x_site, y_site, groups = site_arrays(cells, spec)
+        split = split_site(y_site, groups, config.seed)
+        base = base_data(base_folder, base_card) if base_folder is not None else None
+        base_arrays = load_arrays(base.dataset.subset(base.mix), spec, progress) if base is not None else None
+        x_val, y_val = x_site[split.val], y_site[split.val]
+        if base is not None and base.val is not None:
+            x_base_val, y_base_val = load_arrays(base.dataset.subset(base.val), spec, progress)
+            x_val, y_val = np.concatenate([x_val, x_base_val]), np.concatenate([y_val, y_base_val])
 
-    model, history = fine_tune(
-        base_dir,
-        base_card,
-        (x_site[split.train], y_site[split.train]),
-        base_arrays,
-        config,
-        progress,
-        judge=validation_judge(x_val, y_val),
-    )
+    with _timed(minutes, "fine_tuning"):
+        model, history = fine_tune(
+            base_dir,
+            base_card,
+            (x_site[split.train], y_site[split.train]),
+            base_arrays,
+            config,
+            progress,
+            judge=validation_judge(x_val, y_val),
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -278,40 +264,33 @@ def adapt(
     try:
         card = _write_adapted(work, model, history, base_card, base_dir, version or out_dir.name)
         del model
-        adapted = Classifier.load(work, with_ood=False, precision="float32")
-        calibration, cutoff = _recalibrate(adapted, x_site[split.val], y_site[split.val], base_model.abnormal_threshold)
-        card["calibration"], card["abnormal_threshold"] = calibration, cutoff
-        write_card(work, card)
-        adapted = Classifier.load(work, with_ood=False, precision="float32")
+        with _timed(minutes, "recalibrating"):
+            adapted = Classifier.load(work, with_ood=False, precision="float32")
+            # One pass over every validation cell: the site's recalibrate, all of them set the typical-cell cut-off.
+            raw_val, val_features = adapted.predictor.with_features(x_val)
+            site_val = slice(0, len(split.val))  # x_val holds the site's validation cells first
+            calibration, cutoff = _recalibrate(raw_val[site_val], y_val[site_val], base_model.abnormal_threshold)
+            card["calibration"], card["abnormal_threshold"] = calibration, cutoff
+            write_card(work, card)
+            adapted = Classifier.load(work, with_ood=False, precision="float32")
 
         x_test, y_test = x_site[split.test], y_site[split.test]
-        site_after_probs, test_features = adapted.predict_pixels_with_features(x_test)
-        card["ood"] = _typical_cell_model(
-            work, adapted, cells, split, x_site, y_site, base_arrays, x_val, test_features
-        )
+        with _timed(minutes, "scoring"):
+            site_after_scores = score(adapted, x_test)
+        with _timed(minutes, "typical_cell_model"):
+            card["ood"] = _typical_cell_model(
+                work, adapted, cells, split, x_site, y_site, base_arrays, val_features, site_after_scores.features
+            )
+        site_after_probs = site_after_scores.probs
         site_after = _summary(y_test, site_after_probs, cutoff["value"])
-        site = {
-            "split": "held-out site accessions",
-            "before": _summary(y_test, _calibrated(base_model, x_test), base_model.abnormal_threshold),
-            "after": site_after,
-        }
-        write_report(work, y_test, site_after_probs, prefix="site_test")
-        herlev = None
-        if base is not None and base.test is not None:
-            x_base_test, y_base_test = load_arrays(base.dataset.subset(base.test), spec, progress)
-            herlev_after_probs = _calibrated(adapted, x_base_test)
-            before = _card_summary(base_card)
-            if before is None or before["n"] != len(y_base_test):
-                before = _summary(y_base_test, _calibrated(base_model, x_base_test), base_model.abnormal_threshold)
-            after = _summary(y_base_test, herlev_after_probs, cutoff["value"])
-            herlev = {
-                "split": f"the base model's own test split of {base.dataset.root.name}",
-                "before": before,
-                "after": after,
-                "accuracy_7class_change_points": round(100 * (after["accuracy_7class"] - before["accuracy_7class"]), 2),
-                "binary_accuracy_change_points": round(100 * (after["binary_accuracy"] - before["binary_accuracy"]), 2),
+        with _timed(minutes, "scoring"):
+            site = {
+                "split": "held-out site accessions",
+                "before": _summary(y_test, _calibrated(base_model, x_test), base_model.abnormal_threshold),
+                "after": site_after,
             }
-            write_report(work, y_base_test, herlev_after_probs, prefix="base_test")
+            write_report(work, y_test, site_after_probs, prefix="site_test")
+            herlev = _forgetting_check(work, adapted, base_model, base, cutoff["value"], progress)
         card["adaptation"] = {
             "base_version": base_card["version"],
             "base_weights_sha256": base_card["weights_sha256"],
@@ -326,7 +305,6 @@ def adapt(
             },
             "config": asdict(config),
             "history": history,
-            "minutes": round((time.monotonic() - started) / 60, 1),
             "site_metrics": site,
             "base_test_metrics": herlev,
         }
@@ -339,8 +317,12 @@ def adapt(
         }
         write_card(work, card)
         del adapted
-        card["serving"] = export_int8(work, x_test, y_test, "held-out site accessions")
-        Classifier.load(work)  # as a server will load it: weights, typical-cell model and int8 network checked
+        with _timed(minutes, "int8_export"):
+            card["serving"] = export_int8(work, x_test, y_test, "held-out site accessions", site_after_scores)
+            Classifier.load(work)  # as a server will load it: weights, typical-cell model and int8 network checked
+        card["adaptation"]["minutes"] = round((time.monotonic() - started) / 60, 1)
+        card["adaptation"]["minutes_by_phase"] = {name: round(value, 2) for name, value in minutes.items()}
+        write_card(work, card)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         work.rename(out_dir)
@@ -348,6 +330,49 @@ def adapt(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return card
+
+
+@contextmanager
+def _timed(minutes: dict[str, float], phase: str) -> Iterator[None]:
+    """Adds the minutes spent in the block to minutes[phase]: the card says where an adaptation's time went."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        minutes[phase] = minutes.get(phase, 0.0) + (time.monotonic() - started) / 60
+
+
+def _forgetting_check(
+    work: Path,
+    adapted: Classifier,
+    base_model: Classifier,
+    base: BaseData | None,
+    cutoff: float,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """Base and adapted model on the base model's own test split (None without the base data it was trained on).
+
+    Besides the accuracy change, how many 7-class calls changed and in which direction: fine-tuning moves cells
+    near a class boundary both ways, so a small net change can hide many changed calls.
+    """
+    if base is None or base.test is None:
+        return None
+    x_base_test, y_base_test = load_arrays(base.dataset.subset(base.test), base_model.spec, progress)
+    before_probs, after_probs = _calibrated(base_model, x_base_test), _calibrated(adapted, x_base_test)
+    before = _summary(y_base_test, before_probs, base_model.abnormal_threshold)
+    after = _summary(y_base_test, after_probs, cutoff)
+    write_report(work, y_base_test, after_probs, prefix="base_test")
+    right_before, right_after = before_probs.argmax(axis=1) == y_base_test, after_probs.argmax(axis=1) == y_base_test
+    return {
+        "split": f"the base model's own test split of {base.dataset.root.name}",
+        "before": before,
+        "after": after,
+        "accuracy_7class_change_points": round(100 * (after["accuracy_7class"] - before["accuracy_7class"]), 2),
+        "binary_accuracy_change_points": round(100 * (after["binary_accuracy"] - before["binary_accuracy"]), 2),
+        "calls_changed_7class": int(np.sum(before_probs.argmax(axis=1) != after_probs.argmax(axis=1))),
+        "calls_now_right": int(np.sum(~right_before & right_after)),
+        "calls_now_wrong": int(np.sum(right_before & ~right_after)),
+    }
 
 
 def _typical_cell_model(
@@ -358,7 +383,7 @@ def _typical_cell_model(
     x_site: np.ndarray,
     y_site: np.ndarray,
     base_arrays: tuple[np.ndarray, np.ndarray] | None,
-    x_val: np.ndarray,
+    val_features: np.ndarray,
     test_features: np.ndarray,
 ) -> dict[str, Any]:
     """The adapted network's own "not a typical cell" model: fitted on its training cells (site training
@@ -378,12 +403,19 @@ def _typical_cell_model(
         + (" + the base images mixed in" if base_arrays is not None else "")
         + " (a mean per class of each)",
         "chosen_on": "site validation accessions"
-        + (" + the base model's validation split" if len(x_val) > len(split.val) else ""),
+        + (" + the base model's validation split" if len(val_features) > len(split.val) else ""),
         "test_split": "held-out site accessions",
         "command": "papcad adapt (refitted for the adapted network)",
     }
     return fit_from_pixels(
-        adapted, work, (x_train[keep], y_train[keep]), x_val, (test_features, flags), crops, described, OOD_SET_CELLS
+        adapted,
+        work,
+        (x_train[keep], y_train[keep]),
+        val_features,
+        (test_features, flags),
+        crops,
+        described,
+        OOD_SET_CELLS,
     )
 
 

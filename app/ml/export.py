@@ -11,6 +11,7 @@
 """
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +39,47 @@ def convert_int8(classifier: Classifier, path: Path) -> None:
     path.write_bytes(converter.convert())
 
 
-def _scored(classifier: Classifier, pixels: np.ndarray, labels: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+@dataclass(frozen=True)
+class Scored:
+    """One network's calibrated probabilities and pooled features for some cells, and its seconds per cell."""
+
+    probs: np.ndarray
+    features: np.ndarray
+    seconds_per_cell: float
+
+
+def score(classifier: Classifier, pixels: np.ndarray) -> Scored:
+    """The cells through the classifier's serving path (its views and calibration), timed."""
     started = time.perf_counter()
     probs, features = classifier.predict_pixels_with_features(pixels)
-    seconds = (time.perf_counter() - started) / len(pixels)
+    return Scored(probs, features, (time.perf_counter() - started) / len(pixels))
+
+
+def _summary(classifier: Classifier, scored: Scored, labels: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    probs, features = scored.probs, scored.features
     metrics = compute_metrics(labels, probs)
     p_abnormal = probs[:, classifier.abnormal_mask].sum(axis=1)
     abnormal = classifier.abnormal_mask[labels]
     cut = classifier.abnormal_threshold
-    typical = classifier.ood.scores(features) <= 1.0 if classifier.ood is not None else np.ones(len(pixels), bool)
+    typical = classifier.ood.scores(features) <= 1.0 if classifier.ood is not None else np.ones(len(labels), bool)
     summary = {
         "accuracy_7class": metrics["multiclass"]["accuracy"],
         "roc_auc": metrics["binary"]["roc_auc"],
         "cutoff_sensitivity": float(np.mean(p_abnormal[abnormal] >= cut)) if abnormal.any() else None,
         "cutoff_specificity": float(np.mean(p_abnormal[~abnormal] < cut)) if (~abnormal).any() else None,
         "typical_cells": float(np.mean(typical)),
-        "seconds_per_cell": seconds,
+        "seconds_per_cell": scored.seconds_per_cell,
     }
     return summary, np.c_[probs.argmax(axis=1), typical]
 
 
-def export_int8(model_dir: Path, pixels: np.ndarray, labels: np.ndarray, checked_on: str) -> dict[str, Any]:
-    """Convert, check on (pixels, labels) and record; returns the card's new "serving" section."""
+def export_int8(
+    model_dir: Path, pixels: np.ndarray, labels: np.ndarray, checked_on: str, float32: Scored | None = None
+) -> dict[str, Any]:
+    """Convert, check on (pixels, labels) and record; returns the card's new "serving" section.
+
+    float32: the float32 network's `score` of these pixels, when the caller has it (not scored twice).
+    """
     model_dir = Path(model_dir)
     keras_model = Classifier.load(model_dir, precision="float32")
     path = model_dir / INT8_FILE
@@ -71,8 +91,8 @@ def export_int8(model_dir: Path, pixels: np.ndarray, labels: np.ndarray, checked
         LitePredictor(path, keras_model.predictor.tta, keras_model.predictor.feature_dims),
         keras_model.ood,
     )
-    reference, ref_calls = _scored(keras_model, pixels, labels)
-    int8, int8_calls = _scored(lite, pixels, labels)
+    reference, ref_calls = _summary(keras_model, float32 or score(keras_model, pixels), labels)
+    int8, int8_calls = _summary(lite, score(lite, pixels), labels)
     lost = 100 * (reference["accuracy_7class"] - int8["accuracy_7class"])
     lost_sensitivity = 100 * ((reference["cutoff_sensitivity"] or 0.0) - (int8["cutoff_sensitivity"] or 0.0))
     passed = lost <= MAX_POINTS_LOST and lost_sensitivity <= MAX_POINTS_LOST

@@ -174,17 +174,19 @@ def fit_from_pixels(
     classifier: Classifier,
     model_dir: Path,
     train: tuple[np.ndarray, np.ndarray],
-    val_pixels: np.ndarray,
+    val_features: np.ndarray,
     test: tuple[np.ndarray, list[list[str]]],
     crops: Sequence[Image.Image],
     described: dict[str, str],
     set_size: int = OOD_SET_SIZE,
 ) -> dict[str, Any]:
-    """The OOD model of a network fitted on prepared pixel arrays (training pixels and labels, validation pixels
-    for the cut-off), measured on test features against the non-cell sets; writes ood.npz and returns the card's
-    "ood" section (the caller writes the card). For a model whose data is not a dataset folder: an adapted one.
+    """The OOD model of a network fitted on prepared pixel arrays (training pixels and labels), its cut-off on
+    validation features, measured on test features against the non-cell sets; writes ood.npz and returns the
+    card's "ood" section (the caller writes the card). For a model whose data is not a dataset folder: an adapted
+    one.
 
-    test: features of the test cells (the caller has them from its own forward pass) and their input flags.
+    val_features, test: features the caller has from its own forward passes (the network's, with its views);
+    test also carries the test cells' input flags.
     described: "fitted_on", "chosen_on", "test_split" and "command" texts for the section.
     """
 
@@ -197,7 +199,7 @@ def fit_from_pixels(
     distance = FeatureDistance.fit(
         features(train_pixels, "typical-cell model: training features"), train_labels, classifier.predictor.feature_dims
     )
-    distance = distance.with_cutoff(features(val_pixels, "typical-cell model: validation features"))
+    distance = distance.with_cutoff(val_features)
     outside = {name: analyse_images(classifier, images, name) for name, images in ood_sets(crops, n=set_size).items()}
     report = ood_report(distance, test_features, test_flags, outside)
     path = Path(model_dir) / OOD_FILE
@@ -213,7 +215,7 @@ def fit_from_pixels(
             "stage_distances": [stage.scale for stage in distance.stages],
             "chosen_on": described["chosen_on"],
             "keep_in_distribution": KEEP_IN_DISTRIBUTION,
-            "n": int(len(val_pixels)),
+            "n": int(len(val_features)),
         },
         "score": "distance / cut-off distance: <= 1 in distribution, > 1 not a typical cell",
         "input_checks": (
