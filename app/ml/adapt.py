@@ -276,20 +276,18 @@ def adapt(
 
         x_test, y_test = x_site[split.test], y_site[split.test]
         with _timed(minutes, "scoring"):
-            site_after_scores = score(adapted, x_test)
+            site_after = score(adapted, x_test)  # its features serve the guard's check, the whole the int8 one
         with _timed(minutes, "typical_cell_model"):
             card["ood"] = _typical_cell_model(
-                work, adapted, cells, split, x_site, y_site, base_arrays, val_features, site_after_scores.features
+                work, adapted, cells, split, x_site, y_site, base_arrays, val_features, site_after.features
             )
-        site_after_probs = site_after_scores.probs
-        site_after = _summary(y_test, site_after_probs, cutoff["value"])
         with _timed(minutes, "scoring"):
-            site = {
+            site: dict[str, Any] = {
                 "split": "held-out site accessions",
                 "before": _summary(y_test, _calibrated(base_model, x_test), base_model.abnormal_threshold),
-                "after": site_after,
+                "after": _summary(y_test, site_after.probs, cutoff["value"]),
             }
-            write_report(work, y_test, site_after_probs, prefix="site_test")
+            write_report(work, y_test, site_after.probs, prefix="site_test")
             herlev = _forgetting_check(work, adapted, base_model, base, cutoff["value"], progress)
         card["adaptation"] = {
             "base_version": base_card["version"],
@@ -309,7 +307,7 @@ def adapt(
             "base_test_metrics": herlev,
         }
         card["metrics"] = {
-            **site_after,
+            **site["after"],
             "split": "held-out site accessions",
             "tta": adapted.predictor.tta,
             "probabilities": "calibrated",
@@ -318,7 +316,7 @@ def adapt(
         write_card(work, card)
         del adapted
         with _timed(minutes, "int8_export"):
-            card["serving"] = export_int8(work, x_test, y_test, "held-out site accessions", site_after_scores)
+            card["serving"] = export_int8(work, x_test, y_test, "held-out site accessions", site_after)
             Classifier.load(work)  # as a server will load it: weights, typical-cell model and int8 network checked
         card["adaptation"]["minutes"] = round((time.monotonic() - started) / 60, 1)
         card["adaptation"]["minutes_by_phase"] = {name: round(value, 2) for name, value in minutes.items()}

@@ -91,7 +91,7 @@ def export_int8(
         LitePredictor(path, keras_model.predictor.tta, keras_model.predictor.feature_dims),
         keras_model.ood,
     )
-    reference, ref_calls = _summary(keras_model, float32 or score(keras_model, pixels), labels)
+    reference, ref_calls = _summary(keras_model, float32 if float32 is not None else score(keras_model, pixels), labels)
     int8, int8_calls = _summary(lite, score(lite, pixels), labels)
     lost = 100 * (reference["accuracy_7class"] - int8["accuracy_7class"])
     lost_sensitivity = 100 * ((reference["cutoff_sensitivity"] or 0.0) - (int8["cutoff_sensitivity"] or 0.0))
