@@ -266,7 +266,7 @@ def adapt(
         del model
         with _timed(minutes, "recalibrating"):
             adapted = Classifier.load(work, with_ood=False, precision="float32")
-            # One pass over every validation cell: the site's recalibrate, all of them set the typical-cell cut-off.
+            # One pass over all validation cells: the site's refit temperature and cut-off, all set the guard's.
             raw_val, val_features = adapted.predictor.with_features(x_val)
             site_val = slice(0, len(split.val))  # x_val holds the site's validation cells first
             calibration, cutoff = _recalibrate(raw_val[site_val], y_val[site_val], base_model.abnormal_threshold)
