@@ -324,11 +324,14 @@ def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_re
     assert [s["name"] for s in report["stages"]] == ["default", "robust"]
     assert sum(fold["n"] for fold in report["folds"]) == len(dataset.samples)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cv_metrics.json", "fold_1_of_2.json", "fold_2_of_2.json"]
+    minutes = report["minutes_by_fold"]
+    assert len(minutes) == 2 and all(m >= 0 for m in minutes)
 
     record = json.loads((tmp_path / "fold_2_of_2.json").read_text())
+    assert record["minutes"] == minutes[1]
     (tmp_path / "fold_2_of_2.json").write_text(json.dumps({**record, "key": "another recipe"}))
     again = cross_validate(dataset, recipe, 2, tmp_path)
     printed = capsys.readouterr().out
     assert "fold 1/2: scored by an earlier run" in printed and printed.count("stage 1/2") == 1
-    assert again["folds"][0] == report["folds"][0]
+    assert again["folds"][0] == report["folds"][0] and again["minutes_by_fold"][0] == minutes[0]
     assert json.loads((tmp_path / "fold_2_of_2.json").read_text())["key"] == record["key"]

@@ -244,7 +244,7 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
     stages = recipe_stages(recipe)
     x, y = load_arrays(dataset, recipe.input)
     recipes_key = json.dumps([stage.to_dict() for stage in stages], sort_keys=True) + dataset.fingerprint()
-    folds = []
+    folds, minutes_by_fold = [], []
     for index, (train_idx, test_idx) in enumerate(grouped_folds(dataset, k, recipe.seed)):
         name = f"fold_{index + 1}_of_{k}"
         key = hashlib.sha256((recipes_key + ",".join(map(str, test_idx))).encode()).hexdigest()
@@ -253,14 +253,19 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
         if earlier.get("key") == key:
             print(f"fold {index + 1}/{k}: scored by an earlier run ({record.name}), skipped", flush=True)
             folds.append(earlier["metrics"])
+            minutes_by_fold.append(earlier.get("minutes"))
             continue
         print(f"fold {index + 1}/{k}: {len(train_idx)} train, {len(test_idx)} held out", flush=True)
+        started = datetime.now(UTC)
         model = _fit_stages(x[train_idx], y[train_idx], stages, out_dir / f".{name}-stages")
         metrics = compute_metrics(y[test_idx], Predictor(model, tta=recipe.tta)(x[test_idx]))
+        minutes = round((datetime.now(UTC) - started).total_seconds() / 60, 1)
+        print(f"fold {index + 1}/{k}: scored in {minutes} minutes", flush=True)
         partial = record.with_suffix(".partial")
-        partial.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2) + "\n")
+        partial.write_text(json.dumps({"key": key, "minutes": minutes, "metrics": metrics}, indent=2) + "\n")
         partial.replace(record)  # a fold is either recorded whole or not at all
         folds.append(metrics)
+        minutes_by_fold.append(minutes)
         del model
         keras.backend.clear_session()
     summary = {}
@@ -278,6 +283,7 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
         "recipe": recipe.to_dict(),
         "stages": [stage.to_dict() for stage in stages],
         "summary": summary,
+        "minutes_by_fold": minutes_by_fold,
         "folds": folds,
     }
     (out_dir / "cv_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
