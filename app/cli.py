@@ -199,7 +199,9 @@ def export(
 @cli.command(
     help="Fine-tune a model on this laboratory's reviewed cells (final label = the latest review) and write a "
     "new model directory with its card: site metrics before/after on held-out accessions and, with --base-data, "
-    "the base data's test metrics before/after. Reads DATABASE_URL and PAPCAD_DATA_DIR as `papcad serve` does. "
+    "the base data's test metrics before/after. With --base-data the new model routes each cell: the site's own "
+    "network for cells like the site's, the unchanged general model for the others. "
+    "Reads DATABASE_URL and PAPCAD_DATA_DIR as `papcad serve` does. "
     f"Needs at least {MIN_REVIEWED_CELLS} reviewed cells from at least {MIN_ACCESSIONS} accessions; with fewer it "
     "refuses and writes nothing. "
     "Prints the new directory; register it with `papcad model register`."
@@ -209,14 +211,18 @@ def adapt(
     out: Annotated[Path, typer.Option(help="New model directory to write (must not exist, or be empty).")],
     base_data: Annotated[
         Path | None,
-        typer.Option(help="The base model's training folder (e.g. Herlev), mixed in so its classes are not forgotten."),
+        typer.Option(
+            help="The base model's training folder (e.g. Herlev): the routing gate learns to tell the site's cells "
+            "from its images, and its test split is the forgetting check."
+        ),
     ] = None,
     epochs: Annotated[
         int,
         typer.Option(
             min=1,
             max=100,
-            help=f"Passes over the site's training cells (more: more forgetting). At most {ADAPT_MAX_STEPS} steps in "
+            help=f"Passes over the site's training cells (the best on the site's validation cells is kept). At "
+            f"most {ADAPT_MAX_STEPS} steps in "
             "all: on a large site each pass covers a random part of it, so the time stays bounded.",
         ),
     ] = ADAPT_EPOCHS,

@@ -42,7 +42,10 @@ class AppContext:
         """The lab's call policy now: each prediction at its own model's cut-off, following the registry."""
         band, fixed = self.settings.uncertainty_band, self.settings.abnormal_threshold
         if self.models is None:
-            return CallPolicy(self.classifier.abnormal_threshold if fixed is None else fixed, band)
+            if fixed is not None:
+                return CallPolicy(fixed, band)
+            cutoffs = {part.version: part.abnormal_threshold for part in self.classifier.parts}
+            return CallPolicy(self.classifier.abnormal_threshold, band, cutoffs)
         return self.models.policy(band, fixed)
 
     @classmethod

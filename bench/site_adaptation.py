@@ -181,7 +181,9 @@ def main() -> None:
         f"--learning-rate {args.learning_rate}"
     )
     card = json.loads((out / "model_card.json").read_text())
-    result["card"] = {k: card["adaptation"][k] for k in ("site_data", "site_metrics", "base_test_metrics", "minutes")}
+    keys = ("site_data", "site_metrics", "base_test_metrics", "minutes", "minutes_by_phase")
+    result["card"] = {k: card["adaptation"][k] for k in keys}
+    result["card"]["routing"] = card.get("routing")
     result["shifted_herlev_test"] = clean_site_test(args.model, out, result["site"].pop("test_split"))
     write_json(result, args.results)
     print(json.dumps({k: result[k] for k in ("adapt_minutes", "shifted_herlev_test")}, indent=2))

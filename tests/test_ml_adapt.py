@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from app.errors import InputError
+from app.errors import InputError, ModelIntegrityError
 from app.ml.adapt import (
     MIN_ACCESSIONS,
     MIN_REVIEWED_CELLS,
@@ -20,6 +20,7 @@ from app.ml.artifact import read_card, sha256_file
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
 from app.ml.finetune import _network, _reestimate_statistics, fine_tune
+from app.ml.preprocessing import decode_image, prepare_image
 from app.ml.site_shift import site_png
 
 FAST = AdaptConfig(epochs=1, batch_size=8)
@@ -164,3 +165,60 @@ def test_statistics_are_reestimated_and_nothing_else_moves(site_cells, tiny_mode
     assert all(np.array_equal(before[i], kept_weights[i]) for i in statistics)
     with pytest.raises(InputError):
         AdaptConfig(statistics_site_share=1.5)
+
+
+@pytest.mark.slow  # a real (tiny) fine-tuning run with base data
+def test_with_base_data_the_adapted_model_routes_each_cell(site_cells, tiny_model_dir, herlev_dir, tmp_path):
+    """The site network answers for cells the gate places at the site, the unchanged general model for the rest,
+    each call with the version, weights and cut-off of the network that made it; both are checked on load."""
+    out = tmp_path / "routed"
+    card = adapt(site_cells, tiny_model_dir, out, base_folder=herlev_dir, config=FAST, progress=False)
+    general_card = read_card(tiny_model_dir)
+    routing = card["routing"]
+    assert routing["general_weights_sha256"] == general_card["weights_sha256"] != card["weights_sha256"]
+    assert read_card(out / routing["general"])["weights_sha256"] == general_card["weights_sha256"]
+    assert routing["gate"]["sha256"] == sha256_file(out / routing["gate"]["file"])
+    fitted = routing["gate"]["fitted_on"]
+    assert fitted["site_cells"] > 0 and fitted["general_images"] > 0
+    validation = routing["gate"]["validation"]
+    assert validation["site_cells"] == card["adaptation"]["site_data"]["split"]["validation"]["cells"]
+    assert 0 <= validation["site_cells_to_site_network"] <= validation["site_cells"]
+
+    routed, general = Classifier.load(out, precision="float32"), Classifier.load(tiny_model_dir, precision="float32")
+    assert routed.routing is not None and [p.version for p in routed.parts] == ["routed", general.version]
+    assert routed.abnormal_threshold == card["abnormal_threshold"]["value"]  # the site network's own cut-off
+    images = [c.data for c in site_cells[::7]] + [p.read_bytes() for p in sorted(herlev_dir.glob("*/*.BMP"))[::60]]
+    calls = routed.predict(images)
+    site_network, features, _ = routed.analyse(images)
+    to_general = routed.to_general(features)
+    assert to_general.any() and not to_general.all()  # mostly cells it was fitted on: both parts answer
+    own = general.predict(images)
+    for call, general_call, network_row, is_general in zip(calls, own, site_network, to_general, strict=True):
+        if is_general:  # the general model's call as it would make it alone, typical-cell verdict included
+            assert call == general_call
+        else:
+            assert call.model_version == "routed"
+            assert np.allclose(np.array(list(call.probabilities.values())), network_row, atol=1e-6)
+        assert routed.weights_sha256_of(call.model_version) == (
+            general.weights_sha256 if is_general else routed.weights_sha256
+        )
+    cutoffs = routed.cutoffs(features)
+    assert set(cutoffs[to_general]) == {general.abnormal_threshold}
+    assert set(cutoffs[~to_general]) == {routed.abnormal_threshold}
+    pixels = np.stack([prepare_image(decode_image(image), routed.spec) for image in images])
+    served = np.stack([np.array(list(c.probabilities.values())) for c in calls])
+    assert np.allclose(routed.predict_pixels(pixels), served, atol=1e-5)  # the pixel path routes the same way
+    # A heatmap is drawn by the network that made the call.
+    first_general, first_site = int(np.argmax(to_general)), int(np.argmin(to_general))
+    assert np.allclose(routed.heatmap(pixels[first_general], 3), general.heatmap(pixels[first_general], 3))
+    assert np.allclose(routed.heatmap(pixels[first_site], 3), routed.predictor.heatmap(pixels[first_site], 3))
+
+    (out / routing["gate"]["file"]).write_bytes(b"not the gate")
+    with pytest.raises(ModelIntegrityError, match="routing gate"):
+        Classifier.load(out)
+
+
+def test_the_adapted_model_needs_a_version_of_its_own(site_cells, tiny_model_dir, tmp_path):
+    with pytest.raises(InputError, match="version of its own"):
+        adapt(site_cells, tiny_model_dir, tmp_path / "m", config=FAST, version="tiny-test-r32", progress=False)
+    assert not any(tmp_path.iterdir())

@@ -1,26 +1,26 @@
 """Adapt a model to one laboratory from the cells its own reviewers labelled.
 
     site cells --(grouped by accession)--> train | validation | held-out test
-    base model --fine-tune on site train (+ base training images)--> adapted model
-    site validation (+ base validation split) --> early stopping, the typical-cell cut-off
-    site validation --> temperature and abnormal cut-off;  held-out site + base test --> before / after
+    base model's network --fine-tune on site train--> site network
+    site validation --> early stopping, temperature and abnormal cut-off
+    site train vs the general model's training images --> routing gate (`app.ml.routing`)
+    held-out site + the general model's test split --> before / after, as served
 
-The recipe (`app.ml.finetune`) tries not to forget the base data (the forgetting check on the base model's
-own test split is in the card):
-  * every batch mixes site cells with base training images (`base_share` of the batch);
-  * the base images' targets blend their label with the base model's own probabilities (learning
-    without forgetting: the adapted network is asked to answer as before);
-  * BatchNorm statistics and scales, and the convolution biases in front of them, stay the base
-    model's, so base-data inputs are normalised exactly as before (`AdaptConfig.statistics_site_share`
-    re-estimates the statistics on a site/base mix first: measured, not the default);
-  * the early stages learn slowest (`stage_rates`): through frozen BatchNorm a change there reaches every
-    later layer, amplified;
-  * an L2-SP penalty pulls every weight towards its base value, and the learning rate is small,
-    with a one-epoch warm-up and cosine decay to zero;
-  * the epoch kept is the one with the best 7-class accuracy on the combined validation cells (site
-    validation accessions + the base model's validation split, which is not mixed in).
-The adapted network gets its own typical-cell (OOD) model (`app.ml.ood_fit.fit_from_pixels`).
-No database, no HTTP: the caller hands over the site cells (see `app.services.site_data`).
+With the base model's training data (`--base-data`) the adapted model routes: the site network answers for the
+cells that look like the site's, the general model (a copy of the base, unchanged) for every other cell. One
+network cannot learn a lab's stain and framing well and keep all its other calls (the forgetting check counted
+about 15 of Herlev's 184 test calls changing, both ways, under a recipe made not to forget), so the site network
+is fine-tuned for the site alone (`app.ml.finetune`):
+  * BatchNorm statistics re-estimated on the site's cells first, then frozen (a stain and scale change moves
+    every layer's inputs; new statistics re-centre them at once);
+  * a small learning rate with a one-epoch warm-up and cosine decay, the early stages slowest, a light L2-SP
+    pull towards the base weights, label smoothing;
+  * the epoch kept is the one with the best 7-class accuracy on the site's validation accessions.
+Each call keeps the version, weights and cut-off of the network that made it (the site network's cut-off is
+refitted on the site's validation accessions). Without base data there is no gate: the site network serves
+every cell, and nothing measures what it forgot.
+The site network gets its own typical-cell (OOD) model (`app.ml.ood_fit.fit_from_features`); the general
+model keeps its own. No database, no HTTP: the caller hands over the site cells (see `app.services.site_data`).
 """
 
 import json
@@ -52,8 +52,9 @@ from app.ml.finetune import AdaptConfig as AdaptConfig  # adapt()'s recipe argum
 from app.ml.finetune import fine_tune, validation_judge
 from app.ml.input_checks import as_sent, input_flags
 from app.ml.model import save_weights
-from app.ml.ood_fit import every_kth, fit_from_pixels
+from app.ml.ood_fit import every_kth, fit_from_features, pixel_features
 from app.ml.preprocessing import InputSpec, decode_image, prepare_image
+from app.ml.routing import GATE_FILE, GENERAL_DIR, DomainGate
 from app.ml.site_cells import MIN_ACCESSIONS as MIN_ACCESSIONS
 from app.ml.site_cells import MIN_REVIEWED_CELLS as MIN_REVIEWED_CELLS
 from app.ml.site_cells import SiteCell as SiteCell
@@ -63,7 +64,7 @@ from app.ml.site_cells import check_enough as check_enough
 TARGET_SENSITIVITY = 0.95  # as for the base model: a missed abnormal cell is the costly error
 SITE_TEST_FOLDS = 5  # 1/5 of the site's accessions held out for the before/after comparison
 SITE_VAL_FOLDS = 5  # 1/5 of the rest for the temperature and cut-off
-OOD_FIT_CELLS = 512  # training cells for the typical-cell model's class means and covariance (8 views each: time)
+OOD_FIT_CELLS = 512  # training cells for the typical-cell model and the routing gate (8 views each: time)
 OOD_SET_CELLS = 20  # images per non-cell set in its check (the shipped model's card uses 40)
 
 
@@ -104,8 +105,9 @@ def site_arrays(cells: Sequence[SiteCell], spec: InputSpec) -> tuple[np.ndarray,
 
 @dataclass
 class BaseData:
-    """The base model's training data: what is mixed in, its validation split (joined to the site's for early
-    stopping and the typical-cell cut-off) and its own test split for the forgetting check."""
+    """The base model's training data: its training images (the gate's general side, the typical-cell model's,
+    mixed into fine-tuning when `base_share` > 0), its validation split (joined to the site's for the typical-cell
+    cut-off and the gate's check) and its own test split for the forgetting check."""
 
     dataset: Dataset
     mix: np.ndarray
@@ -121,22 +123,24 @@ def base_data(folder: Path, card: dict[str, Any]) -> BaseData:
     if data.get("fingerprint_sha256") and dataset.fingerprint() == data["fingerprint_sha256"] and split_info:
         split = fixed_split(dataset, split_info["seed"], val_folds=split_info["val_folds"])
         note = (
-            "the base model's training data: its train split mixed in, its validation split joined to the site's "
-            "validation, its test split held out"
+            "the base model's training data: its train split as the general images of the gate and the "
+            "typical-cell model, its validation split joined to the site's validation, its test split held out"
         )
         return BaseData(dataset, split.train, split.val, split.test, note)
     note = (
-        "not the data the base model was trained on (fingerprint differs or the card has none): "
-        "all of it mixed in, no forgetting check"
+        "not the data the base model was trained on (fingerprint differs or the card has none): all of it as the "
+        "general images, no forgetting check"
     )
     return BaseData(dataset, np.arange(len(dataset.samples)), None, None, note)
 
 
-def _summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, Any]:
-    """The figures the card and the admin page show for one model on one set of cells."""
+def _summary(labels: np.ndarray, probs: np.ndarray, threshold: float | np.ndarray) -> dict[str, Any]:
+    """The figures the card and the admin page show for one model on one set of cells; threshold: the cut-off,
+    or each cell's (a routed model reads each call at the cut-off of the model that made it)."""
     result = compute_metrics(labels, probs)
     p_abnormal, abnormal = probs[:, ABNORMAL_MASK].sum(axis=1), ABNORMAL_MASK[labels]
     sensitivity, specificity = cal.sensitivity_specificity(p_abnormal, abnormal, threshold)
+    cutoffs = np.unique(threshold)
     return {
         "n": result["n"],
         "accuracy_7class": result["multiclass"]["accuracy"],
@@ -145,9 +149,10 @@ def _summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[st
         "binary_sensitivity": result["binary"]["sensitivity"],
         "binary_specificity": result["binary"]["specificity"],
         "binary_roc_auc": result["binary"]["roc_auc"],
-        "cutoff": threshold,
+        "cutoff": float(cutoffs[0]) if len(cutoffs) == 1 else [float(c) for c in cutoffs],
         "cutoff_sensitivity": None if np.isnan(sensitivity) else sensitivity,
         "cutoff_specificity": None if np.isnan(specificity) else specificity,
+        "cutoff_accuracy": float(np.mean((p_abnormal >= threshold) == abnormal)),  # the calls the product makes
         "nll": cal.negative_log_likelihood(probs, labels),
     }
 
@@ -224,7 +229,8 @@ def adapt(
     since: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune the base model on the site's reviewed cells and write the adapted model directory.
+    """Fine-tune the base model's network on the site's reviewed cells and write the adapted model directory
+    (routed to a copy of the general model when base_folder holds the base model's training data).
 
     Everything is written to a hidden sibling directory that is renamed to out_dir only when complete,
     so a refusal or a failure leaves nothing behind. Returns the new card.
@@ -237,10 +243,14 @@ def adapt(
     base_card = read_card(base_dir)
     with _timed(minutes, "reading"):
         base_model = Classifier.load(base_dir, with_ood=False, precision="float32")
+        # An adapted base routes to its own general model: the new model routes to that one, not to the base.
+        general = base_model.routing.general if base_model.routing is not None else base_model
+        if (version or out_dir.name) in {general.version, base_model.version}:
+            raise InputError(f"the adapted model needs a version of its own, not {version or out_dir.name!r}")
         spec = base_model.spec
         x_site, y_site, groups = site_arrays(cells, spec)
         split = split_site(y_site, groups, config.seed)
-        base = base_data(base_folder, base_card) if base_folder is not None else None
+        base = base_data(base_folder, general.card) if base_folder is not None else None
         base_arrays = load_arrays(base.dataset.subset(base.mix), spec, progress) if base is not None else None
         x_val, y_val = x_site[split.val], y_site[split.val]
         if base is not None and base.val is not None:
@@ -255,14 +265,14 @@ def adapt(
             base_arrays,
             config,
             progress,
-            judge=validation_judge(x_val, y_val),
+            judge=validation_judge(x_site[split.val], y_site[split.val]),
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        card = _write_adapted(work, model, history, base_card, base_dir, version or out_dir.name)
+        card = _write_adapted(work, model, history, base_card, version or out_dir.name)
         del model
         with _timed(minutes, "recalibrating"):
             adapted = Classifier.load(work, with_ood=False, precision="float32")
@@ -278,17 +288,27 @@ def adapt(
         with _timed(minutes, "scoring"):
             site_after = score(adapted, x_test)  # its features serve the guard's check, the whole the int8 one
         with _timed(minutes, "typical_cell_model"):
+            x_fit, y_fit = _fitting_cells(x_site, y_site, split, base_arrays)
+            fit_features = pixel_features(adapted, x_fit, "typical-cell model and gate: training features")
             card["ood"] = _typical_cell_model(
-                work, adapted, cells, split, x_site, y_site, base_arrays, val_features, site_after.features
+                work, adapted, cells, split, (fit_features, y_fit), val_features, site_after.features
             )
+        if base is not None:
+            with _timed(minutes, "routing"):
+                card["routing"] = _routing(work, general, fit_features, y_fit, val_features, len(split.val))
+                shutil.copytree(general.model_dir, work / GENERAL_DIR, ignore=shutil.ignore_patterns(GENERAL_DIR))
+                write_card(work, card)
+                adapted = Classifier.load(work, with_ood=False, precision="float32")
         with _timed(minutes, "scoring"):
+            after = adapted.routed(x_test, site_after.probs, site_after.features)
             site: dict[str, Any] = {
                 "split": "held-out site accessions",
                 "before": _summary(y_test, _calibrated(base_model, x_test), base_model.abnormal_threshold),
-                "after": _summary(y_test, site_after.probs, cutoff["value"]),
+                "after": _summary(y_test, after, adapted.cutoffs(site_after.features)),
             }
-            write_report(work, y_test, site_after.probs, prefix="site_test")
-            herlev = _forgetting_check(work, adapted, base_model, base, cutoff["value"], progress)
+            site["after"]["routed_to_general"] = int(adapted.to_general(site_after.features).sum())
+            write_report(work, y_test, after, prefix="site_test")
+            herlev = _forgetting_check(work, adapted, base_model, base, progress)
         card["adaptation"] = {
             "base_version": base_card["version"],
             "base_weights_sha256": base_card["weights_sha256"],
@@ -298,7 +318,8 @@ def adapt(
             if base is None
             else {
                 "root_name": base.dataset.root.name,
-                "images_mixed": int(len(base.mix)),
+                "training_images": int(len(base.mix)),
+                "mixed_into_fine_tuning": config.base_share > 0,
                 "note": base.note,
             },
             "config": asdict(config),
@@ -345,22 +366,25 @@ def _forgetting_check(
     adapted: Classifier,
     base_model: Classifier,
     base: BaseData | None,
-    cutoff: float,
     progress: bool,
 ) -> dict[str, Any] | None:
-    """Base and adapted model on the base model's own test split (None without the base data it was trained on).
+    """Base and adapted model, as served, on the general model's own test split (None without the base data it
+    was trained on).
 
-    Besides the accuracy change, how many 7-class calls changed and in which direction: fine-tuning moves cells
-    near a class boundary both ways, so a small net change can hide many changed calls.
+    Besides the accuracy change, how many 7-class calls changed and in which direction (a small net change can
+    hide many changed calls), and how many of these cells the gate sent to the site network.
     """
     if base is None or base.test is None:
         return None
     x_base_test, y_base_test = load_arrays(base.dataset.subset(base.test), base_model.spec, progress)
-    before_probs, after_probs = _calibrated(base_model, x_base_test), _calibrated(adapted, x_base_test)
+    before_probs = _calibrated(base_model, x_base_test)
+    probs, features = adapted.predict_pixels_with_features(x_base_test)
+    after_probs = adapted.routed(x_base_test, probs, features)
     before = _summary(y_base_test, before_probs, base_model.abnormal_threshold)
-    after = _summary(y_base_test, after_probs, cutoff)
+    after = _summary(y_base_test, after_probs, adapted.cutoffs(features))
     write_report(work, y_base_test, after_probs, prefix="base_test")
     right_before, right_after = before_probs.argmax(axis=1) == y_base_test, after_probs.argmax(axis=1) == y_base_test
+    to_site = int((~adapted.to_general(features)).sum())
     return {
         "split": f"the base model's own test split of {base.dataset.root.name}",
         "before": before,
@@ -370,7 +394,21 @@ def _forgetting_check(
         "calls_changed_7class": int(np.sum(before_probs.argmax(axis=1) != after_probs.argmax(axis=1))),
         "calls_now_right": int(np.sum(~right_before & right_after)),
         "calls_now_wrong": int(np.sum(right_before & ~right_after)),
+        "routed_to_site_network": to_site,
     }
+
+
+def _fitting_cells(
+    x_site: np.ndarray, y_site: np.ndarray, split: SiteSplit, base_arrays: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """At most OOD_FIT_CELLS training cells, evenly spaced: the site's training accessions (classes numbered after
+    the base's: the site's cells and the base images are two kinds of typical cell, each class of each gets its
+    own mean in the typical-cell model) and the base images; the gate tells the two kinds apart."""
+    x_train, y_train = x_site[split.train], y_site[split.train] + len(CLASS_NAMES)
+    if base_arrays is not None:
+        x_train, y_train = np.concatenate([x_train, base_arrays[0]]), np.concatenate([y_train, base_arrays[1]])
+    keep = every_kth(len(y_train), OOD_FIT_CELLS)
+    return x_train[keep], y_train[keep]
 
 
 def _typical_cell_model(
@@ -378,43 +416,64 @@ def _typical_cell_model(
     adapted: Classifier,
     cells: Sequence[SiteCell],
     split: SiteSplit,
-    x_site: np.ndarray,
-    y_site: np.ndarray,
-    base_arrays: tuple[np.ndarray, np.ndarray] | None,
+    train: tuple[np.ndarray, np.ndarray],
     val_features: np.ndarray,
     test_features: np.ndarray,
 ) -> dict[str, Any]:
-    """The adapted network's own "not a typical cell" model: fitted on its training cells (site training
-    accessions and the base images mixed in, at most OOD_FIT_CELLS of them), cut-off on the combined validation
-    cells, measured on the held-out site accessions against the non-cell sets."""
-    # The site's cells and the base images are two kinds of typical cell: each class of each gets its own mean
-    # (site classes numbered after the base's), so a small site is not judged against the base's means alone.
-    x_train, y_train = x_site[split.train], y_site[split.train] + len(CLASS_NAMES)
-    if base_arrays is not None:
-        x_train, y_train = np.concatenate([x_train, base_arrays[0]]), np.concatenate([y_train, base_arrays[1]])
-    keep = every_kth(len(y_train), OOD_FIT_CELLS)
+    """The site network's own "not a typical cell" model: fitted on the features of its fitting cells
+    (`_fitting_cells`), cut-off on the combined validation cells, measured on the held-out site accessions
+    against the non-cell sets."""
     test_cells = [cells[i] for i in split.test]
     flags = [input_flags(as_sent(c.data), decode_image(c.data)) for c in test_cells]
     crops = [decode_image(c.data) for c in test_cells]
+    with_base = bool((train[1] < len(CLASS_NAMES)).any())
     described = {
         "fitted_on": "site training accessions"
-        + (" + the base images mixed in" if base_arrays is not None else "")
+        + (" + the base model's training images" if with_base else "")
         + " (a mean per class of each)",
         "chosen_on": "site validation accessions"
         + (" + the base model's validation split" if len(val_features) > len(split.val) else ""),
         "test_split": "held-out site accessions",
         "command": "papcad adapt (refitted for the adapted network)",
     }
-    return fit_from_pixels(
-        adapted,
-        work,
-        (x_train[keep], y_train[keep]),
-        val_features,
-        (test_features, flags),
-        crops,
-        described,
-        OOD_SET_CELLS,
+    return fit_from_features(
+        adapted, work, train, val_features, (test_features, flags), crops, described, OOD_SET_CELLS
     )
+
+
+def _routing(
+    work: Path,
+    general: Classifier,
+    fit_features: np.ndarray,
+    fit_labels: np.ndarray,
+    val_features: np.ndarray,
+    site_val_cells: int,
+) -> dict[str, Any]:
+    """Fit the gate on the fitting cells' features (site cells against base images), write it, and return the
+    card's "routing" section with how well it routes the validation cells (site's first, then the base's)."""
+    at_site = fit_labels >= len(CLASS_NAMES)
+    gate = DomainGate.fit(fit_features[at_site], fit_features[~at_site])
+    gate.save(work / GATE_FILE)
+    to_general = gate.general(val_features)
+    site_val, base_val = to_general[:site_val_cells], to_general[site_val_cells:]
+    return {
+        "general": GENERAL_DIR,
+        "general_version": general.version,
+        "general_weights_sha256": general.weights_sha256,
+        "gate": {
+            "file": GATE_FILE,
+            "sha256": sha256_file(work / GATE_FILE),
+            "method": "logistic regression on the site network's standardised pooled features (L2, C 0.1, "
+            "balanced classes); P(site) < 0.5 goes to the general model",
+            "fitted_on": {"site_cells": int(at_site.sum()), "general_images": int((~at_site).sum())},
+            "validation": {
+                "site_cells": int(len(site_val)),
+                "site_cells_to_site_network": int((~site_val).sum()),
+                "general_images": int(len(base_val)),
+                "general_images_to_general_model": int(base_val.sum()),
+            },
+        },
+    }
 
 
 def _write_adapted(
@@ -422,12 +481,12 @@ def _write_adapted(
     model: keras.Model,
     history: dict[str, list[float]],
     base_card: dict[str, Any],
-    base_dir: Path,
     version: str,
 ) -> dict[str, Any]:
     save_weights(model, work / WEIGHTS_FILE)
     (work / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-    card = {k: v for k, v in base_card.items() if k not in ("ood", "robustness", "metrics", "calibration")}
+    dropped = ("ood", "robustness", "metrics", "calibration", "routing")
+    card = {k: v for k, v in base_card.items() if k not in dropped}
     card.update(
         version=version,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -437,7 +496,8 @@ def _write_adapted(
     )
     card["notes"] = [
         f"Adapted from {base_card['version']} to one laboratory's reviewed cells (see 'adaptation').",
-        "The typical-cell (OOD) model is the adapted network's own, fitted on its training cells (see 'ood').",
+        "The typical-cell (OOD) model is the site network's own, fitted on its training cells (see 'ood').",
+        "With a 'routing' section, cells unlike the site's get the general model's call (see app.ml.routing).",
     ]
     write_card(work, card)
     return card

@@ -7,6 +7,7 @@
         ood.npz            optional: the out-of-distribution model (card section "ood", with its SHA-256)
         serving_int8.tflite optional: the network with int8 weights for LiteRT (card section "serving")
         robustness.json    optional: metrics under image shifts (card section "robustness")
+        gate.npz, general/ an adapted model's routing (card section "routing", `app.ml.routing`)
         *.png              curves, confusion matrices, ROC
 
 The card's `weights_sha256` (and the OOD and serving files' SHA-256) is checked before anything is loaded.

@@ -71,7 +71,10 @@ def choose_abnormal_threshold(p_abnormal: np.ndarray, is_abnormal: np.ndarray, m
     return float(min(1.0, thresholds[ok[0]]))
 
 
-def sensitivity_specificity(p_abnormal: np.ndarray, is_abnormal: np.ndarray, threshold: float) -> tuple[float, float]:
+def sensitivity_specificity(
+    p_abnormal: np.ndarray, is_abnormal: np.ndarray, threshold: float | np.ndarray
+) -> tuple[float, float]:
+    """At the cut-off (or each cell's own: an adapted model's general cells have the general model's)."""
     called = p_abnormal >= threshold
     positives, negatives = is_abnormal.sum(), (~is_abnormal).sum()
     sensitivity = float((called & is_abnormal).sum() / positives) if positives else float("nan")

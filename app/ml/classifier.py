@@ -9,12 +9,19 @@ import numpy as np
 from PIL import Image
 
 from app.errors import ModelIntegrityError
-from app.ml.artifact import read_card, verified_ood_path, verified_serving_path, verified_weights_path
+from app.ml.artifact import (
+    read_card,
+    verified_file,
+    verified_ood_path,
+    verified_serving_path,
+    verified_weights_path,
+)
 from app.ml.calibration import apply_temperature
 from app.ml.classes import ABNORMAL_CLASSES, CLASS_NAMES
 from app.ml.input_checks import as_sent, input_flags
 from app.ml.ood import FeatureDistance
 from app.ml.preprocessing import InputSpec, decode_image, prepare_image
+from app.ml.routing import DomainGate
 from app.ml.runtime import Precision, release_free_memory, resolve_precision
 
 if TYPE_CHECKING:
@@ -39,6 +46,14 @@ class Prediction:
     input_flags: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """An adapted model's general model and the gate that sends it the cells unlike the site's (`app.ml.routing`)."""
+
+    general: "Classifier"
+    gate: DomainGate
+
+
 class Classifier:
     """A loaded, verified model: images in, per-class probabilities out."""
 
@@ -48,6 +63,7 @@ class Classifier:
         card: dict[str, Any],
         predictor: "Predictor | LitePredictor",
         ood: FeatureDistance | None = None,
+        routing: Routing | None = None,
     ):
         self.model_dir = Path(model_dir)
         self.card = card
@@ -62,6 +78,7 @@ class Classifier:
         self.abnormal_mask = np.array([name in abnormal for name in self.class_names])
         calibration = card.get("calibration") or {}
         self.temperature: float = float(calibration.get("temperature", 1.0))
+        self.routing = routing
         # The validation-chosen P(abnormal) cut-off; a lab may configure its own in the server.
         self.abnormal_threshold: float = float((card.get("abnormal_threshold") or {}).get("value", 0.5))
 
@@ -105,8 +122,13 @@ class Classifier:
                     f"the OOD model's stages {ood.dims} do not match the network's {predictor.feature_dims} "
                     "(refit it with papcad fit-ood)"
                 )
+            routing = None
+            if card.get("routing"):
+                routing = _routing(model_dir, card["routing"], batch_size, with_ood, precision, max_images_per_pass)
+                if routing.gate.coef.shape != (sum(predictor.feature_dims),):
+                    raise ValueError("the routing gate was not fitted on this network's features")
             release_free_memory()
-            return cls(model_dir, card, predictor, ood)
+            return cls(model_dir, card, predictor, ood, routing)
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise ModelIntegrityError(f"model directory {model_dir} is not usable: {exc!r}") from exc
 
@@ -119,16 +141,46 @@ class Classifier:
             raise TypeError(f"model {self.version} runs on LiteRT ({self.predictor.precision}); load it as float32")
         return self.predictor.model
 
+    @property
+    def parts(self) -> list["Classifier"]:
+        """The models whose calls this one serves: itself, and a routed model's general model."""
+        return [self] if self.routing is None else [self, self.routing.general]
+
     def heatmap(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
-        """Class-activation map of one prepared image for a class, by the network that serves the model."""
+        """Class-activation map of one prepared image for a class, by the network that made its call."""
+        if self.to_general(self.predictor.with_features(pixels[None])[1])[0]:
+            assert self.routing is not None
+            return self.routing.general.heatmap(pixels, class_index)
         return self.predictor.heatmap(pixels, class_index)
 
+    def to_general(self, features: np.ndarray) -> np.ndarray:
+        """Which cells (by this network's features) a routed model's general model answers: none without one."""
+        if self.routing is None:
+            return np.zeros(len(features), dtype=bool)
+        return self.routing.gate.general(features)
+
+    def cutoffs(self, features: np.ndarray) -> np.ndarray:
+        """Each cell's P(abnormal) cut-off: that of the model that answers it."""
+        general = self.routing.general.abnormal_threshold if self.routing is not None else 0.0
+        return np.where(self.to_general(features), general, self.abnormal_threshold)
+
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Prepared uint8 pixels (n, size, size, 3) -> (n, classes) calibrated probabilities."""
-        return self.predict_pixels_with_features(pixels)[0]
+        """Prepared uint8 pixels (n, size, size, 3) -> (n, classes) calibrated probabilities, as served (a routed
+        model's general cells by its general model)."""
+        return self.routed(pixels, *self.predict_pixels_with_features(pixels))
+
+    def routed(self, pixels: np.ndarray, probs: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """This network's probabilities and features of the pixels -> the probabilities as served: a routed
+        model's general cells get its general model's."""
+        general = self.to_general(features)
+        if self.routing is not None and general.any():
+            probs = probs.copy()
+            probs[general] = self.routing.general.predict_pixels(pixels[general])
+        return probs
 
     def predict_pixels_with_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Prepared pixels -> calibrated probabilities and the pooled features, from one forward pass."""
+        """Prepared pixels -> calibrated probabilities and the pooled features of this network (a routed model's
+        site network), from one forward pass."""
         raw, features = self.predictor.with_features(pixels)
         return (raw if self.temperature == 1.0 else apply_temperature(raw, self.temperature)), features
 
@@ -141,7 +193,20 @@ class Classifier:
             return []
         probs, features, flags = self.analyse(images)
         scores = self.ood.scores(features) if self.ood is not None else [None] * len(probs)
-        return [self._to_prediction(*row) for row in zip(probs, scores, flags, strict=True)]
+        predictions = [self._to_prediction(*row) for row in zip(probs, scores, flags, strict=True)]
+        general = [int(i) for i in np.flatnonzero(self.to_general(features))]
+        if self.routing is not None and general:
+            calls = self.routing.general.predict([images[i] for i in general])
+            for i, call in zip(general, calls, strict=True):  # the general model's call, with its version
+                predictions[i] = call
+        return predictions
+
+    def weights_sha256_of(self, version: str) -> str:
+        """The weights of the part (`parts`) that made a prediction of this version."""
+        for part in self.parts:
+            if part.version == version:
+                return part.weights_sha256
+        raise KeyError(version)
 
     def analyse(self, images: Sequence[bytes | Image.Image]) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
         """Calibrated probabilities, pooled features and input flags of images, in one forward pass."""
@@ -161,6 +226,25 @@ class Classifier:
             ood_score=None if score is None else float(score),
             input_flags=flags,
         )
+
+
+def _routing(
+    model_dir: Path,
+    section: dict[str, Any],
+    batch_size: int,
+    with_ood: bool,
+    precision: str | None,
+    max_images: int | None,
+) -> Routing:
+    """The general model (its own files checked by its own card, its weights against this card) and the gate."""
+    name = section["general"]
+    if Path(name).name != name:
+        raise ValueError(f"the routing section names a general model {name!r} outside the model directory")
+    general = Classifier.load(model_dir / name, batch_size, with_ood, precision, max_images)
+    if general.weights_sha256 != section["general_weights_sha256"]:
+        raise ModelIntegrityError(f"{model_dir / name} does not hold the general model this adapted model names")
+    gate_path = verified_file(model_dir, section["gate"]["file"], section["gate"]["sha256"], "routing gate")
+    return Routing(general, DomainGate.load(gate_path))
 
 
 def _lite_predictor(

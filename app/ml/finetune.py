@@ -1,9 +1,11 @@
-"""Fine-tuning a base network on a site's cells without forgetting the base data (the recipe of `app.ml.adapt`).
+"""Fine-tuning a base network on a site's cells (the recipe of `app.ml.adapt`).
 
-Every batch mixes site cells with base training images whose targets are the base network's own probabilities;
-BatchNorm (its statistics optionally re-estimated first on a site/base mix) and the convolution biases stay
-frozen; each ResNet stage has its own learning-rate scale; an L2-SP penalty pulls the weights towards the base;
-the epoch kept is the best on the caller's validation yardstick (`validation_judge`).
+BatchNorm statistics are re-estimated on the site's cells, then frozen with the convolution biases; each ResNet
+stage has its own learning-rate scale; an L2-SP penalty pulls the weights towards the base; the epoch kept is
+the best on the caller's validation yardstick (`validation_judge`). Optionally (`base_share`) every batch also
+mixes in base training images whose targets are the base network's own probabilities: learning without
+forgetting, for a network that must serve both kinds of cell. The adapted model routes instead
+(`app.ml.routing`), so by default the site network learns the site alone.
 """
 
 from collections.abc import Callable, Iterator
@@ -33,9 +35,9 @@ class AdaptConfig:
     optimizer: str = "adam"  # or "sgd" (momentum 0.9)
     learning_rate: float = ADAPT_LEARNING_RATE
     batch_size: int = 32
-    base_share: float = 0.75  # of every batch, when base data is given: 8 site cells + 24 base images
+    base_share: float = 0.0  # of every batch, when base data is given (0.75: 8 site cells + 24 base images)
     distillation: float = 1.0  # weight of the base model's probabilities in the base images' targets
-    l2sp: float = 0.1  # alpha/2 * ||w - w_base||^2, summed over every trainable weight
+    l2sp: float = 0.01  # alpha/2 * ||w - w_base||^2, summed over every trainable weight
     label_smoothing: float = 0.1
     # Learning-rate scale per ResNet stage (conv1 = the stem, ..., conv5, head); 0 freezes the stage. The early
     # stages feed every later one through frozen BatchNorm (the stem's divides by about 0.26): they move least.
@@ -43,8 +45,8 @@ class AdaptConfig:
     augmentation: str = "cell"
     # Above 0, BatchNorm statistics are first re-estimated on batches with this share of site cells (the rest base
     # images), then frozen: the site's stain and scale move every layer's inputs and new statistics re-centre them
-    # at once. 0 keeps the base statistics: 0.25 looked better on validation but not on held-out cells (README).
-    statistics_site_share: float = 0.0
+    # at once. 0 keeps the base statistics (for a network that must also serve the base's cells).
+    statistics_site_share: float = 1.0
     # At most this many steps in all (0: no limit): a site of more than about 1,000 training cells (some 1,600
     # reviewed cells) sees a random part of itself per epoch, so its time stays bounded.
     max_steps: int = ADAPT_MAX_STEPS

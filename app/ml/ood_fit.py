@@ -38,13 +38,16 @@ def check_dataset(card: dict[str, Any], dataset: Dataset) -> None:
         )
 
 
+def pixel_features(classifier: Classifier, pixels: np.ndarray, desc: str) -> np.ndarray:
+    """The pooled features of prepared pixel arrays (the network's, with its views), in chunks."""
+    chunks = [classifier.predict_pixels_with_features(pixels[i : i + CHUNK])[1] for i in
+              tqdm(range(0, len(pixels), CHUNK), desc=desc, unit="chunk")]  # fmt: skip
+    return np.concatenate(chunks)
+
+
 def split_features(classifier: Classifier, dataset: Dataset, indices: np.ndarray, desc: str) -> np.ndarray:
     x, _ = load_arrays(dataset.subset(indices), classifier.spec, progress=False)
-    chunks = [
-        classifier.predict_pixels_with_features(x[i : i + CHUNK])[1]
-        for i in tqdm(range(0, len(x), CHUNK), desc=desc, unit="chunk")
-    ]
-    return np.concatenate(chunks)
+    return pixel_features(classifier, x, desc)
 
 
 def analyse_images(
@@ -170,7 +173,7 @@ def every_kth(n: int, limit: int) -> np.ndarray:
     return np.arange(n)[:: max(1, -(-n // limit))][:limit]
 
 
-def fit_from_pixels(
+def fit_from_features(
     classifier: Classifier,
     model_dir: Path,
     train: tuple[np.ndarray, np.ndarray],
@@ -180,25 +183,16 @@ def fit_from_pixels(
     described: dict[str, str],
     set_size: int = OOD_SET_SIZE,
 ) -> dict[str, Any]:
-    """The OOD model of a network fitted on prepared pixel arrays (training pixels and labels), its cut-off on
-    validation features, measured on test features against the non-cell sets; writes ood.npz and returns the
-    card's "ood" section (the caller writes the card). For a model whose data is not a dataset folder: an adapted
-    one.
+    """The OOD model of a network fitted on training features and labels, its cut-off on validation features,
+    measured on test features against the non-cell sets; writes ood.npz and returns the card's "ood" section (the
+    caller writes the card). For a model whose data is not a dataset folder: an adapted one.
 
-    val_features, test: features the caller has from its own forward passes (the network's, with its views);
+    The features are the caller's, from the network's own forward passes with its views (`pixel_features`);
     test also carries the test cells' input flags.
     described: "fitted_on", "chosen_on", "test_split" and "command" texts for the section.
     """
-
-    def features(pixels: np.ndarray, desc: str) -> np.ndarray:
-        chunks = [classifier.predict_pixels_with_features(pixels[i : i + CHUNK])[1] for i in
-                  tqdm(range(0, len(pixels), CHUNK), desc=desc, unit="chunk")]  # fmt: skip
-        return np.concatenate(chunks)
-
-    (train_pixels, train_labels), (test_features, test_flags) = train, test
-    distance = FeatureDistance.fit(
-        features(train_pixels, "typical-cell model: training features"), train_labels, classifier.predictor.feature_dims
-    )
+    (train_features, train_labels), (test_features, test_flags) = train, test
+    distance = FeatureDistance.fit(train_features, train_labels, classifier.predictor.feature_dims)
     distance = distance.with_cutoff(val_features)
     outside = {name: analyse_images(classifier, images, name) for name, images in ood_sets(crops, n=set_size).items()}
     report = ood_report(distance, test_features, test_flags, outside)

@@ -56,6 +56,7 @@ def run_shifts(
     for shift in tqdm(shifts, desc="shifts", unit="shift"):
         pixels = np.stack([prepare_image(shift(image), classifier.spec) for image in images])
         probs, features = classifier.predict_pixels_with_features(pixels)
+        probs = classifier.routed(pixels, probs, features)  # as served (an adapted model's general cells routed)
         scores = classifier.ood.scores(features) if classifier.ood is not None else None
         rows.append(
             {"shift": shift.name, "params": shift.params, "description": shift.description}

@@ -15,8 +15,8 @@ MIN_REVIEWED_CELLS = 40
 MIN_ACCESSIONS = 5
 # The recipe's defaults for `papcad adapt` (see app.ml.finetune.AdaptConfig): passes over the site's training
 # cells, the peak learning rate, and the most steps in all (so a very large site's time stays bounded).
-ADAPT_EPOCHS = 2
-ADAPT_LEARNING_RATE = 1e-4
+ADAPT_EPOCHS = 4
+ADAPT_LEARNING_RATE = 2e-4
 ADAPT_MAX_STEPS = 260
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger("papcad.registry")
 
 CANDIDATE, ACTIVE, RETIRED = ModelStatus.CANDIDATE, ModelStatus.ACTIVE, ModelStatus.RETIRED
 # The card's sections shown on the admin page (the whole card stays in the model directory).
-CARD_KEYS = ("version", "created_at", "metrics", "abnormal_threshold", "calibration", "adaptation", "data")
+CARD_KEYS = ("version", "created_at", "metrics", "abnormal_threshold", "calibration", "adaptation", "data", "routing")
 
 
 def _check_admin(actor: Actor) -> None:
@@ -218,9 +218,8 @@ def ensure_startup(session: Session, actor: Actor, model_dir: Path, explicit: bo
 
 def weights_sha256_for(model: Any, result: Any) -> str:
     """The SHA-256 of the weights that made `result` (a Classifier prediction), whatever model object made it."""
-    if isinstance(model, LiveModels):
-        return model.weights_sha256_of(result.model_version)
-    sha: str = model.weights_sha256  # a Classifier's
+    lookup = getattr(model, "weights_sha256_of", None)  # a routed model's calls come from two networks
+    sha: str = lookup(result.model_version) if lookup is not None else model.weights_sha256
     return sha
 
 
@@ -254,8 +253,8 @@ class LiveModels:
         self._active = active
         self._candidate: Classifier | None = None
         self._retired: Classifier | None = None  # loaded on demand for a heatmap of one of its predictions
-        self._shas: dict[str, str] = {active.version: active.weights_sha256}
-        self._cutoffs: dict[str, float] = {active.version: active.abnormal_threshold}
+        self._shas: dict[str, str] = {part.version: part.weights_sha256 for part in active.parts}
+        self._cutoffs: dict[str, float] = {part.version: part.abnormal_threshold for part in active.parts}
         self._checked = time.monotonic()
         self._refreshing = threading.Lock()
         self._loading = threading.Lock()
@@ -291,7 +290,7 @@ class LiveModels:
         if fixed_cutoff is not None:
             return CallPolicy(fixed_cutoff, uncertainty_band)
         active = self._active
-        cutoffs = {**self._cutoffs, active.version: active.abnormal_threshold}
+        cutoffs = {**self._cutoffs, **{part.version: part.abnormal_threshold for part in active.parts}}
         return CallPolicy(active.abnormal_threshold, uncertainty_band, cutoffs)
 
     def model_for(self, weights_sha256: str) -> Classifier:
@@ -299,8 +298,9 @@ class LiveModels:
         or a retired version loaded from its registered directory (weights checked; at most one such model is
         held). ConflictError when no registered version has these weights or its files are gone or changed."""
         for held in (self.active(), self._candidate, self._retired):
-            if held is not None and held.weights_sha256 == weights_sha256:
-                return held
+            for part in held.parts if held is not None else []:  # a routed model's general model made some calls
+                if part.weights_sha256 == weights_sha256:
+                    return part
         with self._loading:
             if self._retired is not None and self._retired.weights_sha256 == weights_sha256:
                 return self._retired
@@ -376,8 +376,8 @@ class LiveModels:
         model = self.loader(Path(directory))
         if model.weights_sha256 != sha:
             raise ModelIntegrityError(f"{directory} no longer holds the registered weights of {version}")
-        self._shas[model.version] = model.weights_sha256
-        self._cutoffs = {**self._cutoffs, model.version: model.abnormal_threshold}
+        self._shas.update({part.version: part.weights_sha256 for part in model.parts})
+        self._cutoffs = {**self._cutoffs, **{part.version: part.abnormal_threshold for part in model.parts}}
         log.info("loaded model %s from %s", version, directory)
         return model
 

@@ -97,7 +97,7 @@ class ShadowScorer:
                 session.add(
                     ShadowPrediction(
                         prediction_id=prediction_id,
-                        model_version=result.model_version,
+                        model_version=model.version,  # the candidate's, whichever of its networks answered
                         weights_sha256=model.weights_sha256,
                         probabilities=result.probabilities,
                         predicted_class=result.predicted_class,

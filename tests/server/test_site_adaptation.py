@@ -124,8 +124,16 @@ def test_reviewed_cells_adapt_the_model(live_server, herlev_dir, sign_in, tmp_pa
     # Its own typical-cell model: fitted on its training cells, cut-off on the site + Herlev validation cells.
     assert card["ood"]["file"] == "ood.npz" and (out / "ood.npz").is_file()
     assert card["ood"]["cutoff"]["n"] == split["validation"]["cells"] + 92  # + Herlev's validation split
-    training_cells = split["train"]["cells"] + summary["base_data"]["images_mixed"]
+    training_cells = split["train"]["cells"] + summary["base_data"]["training_images"]
     assert card["ood"]["fitted_on"]["n"] == len(every_kth(training_cells, OOD_FIT_CELLS))  # at most 512, spaced
+    # Routed: the site network for cells like the site's, the bundled model, copied unchanged, for the others.
+    routing = card["routing"]
+    assert routing["general_version"] == base.version and routing["general_weights_sha256"] == base.weights_sha256
+    fitted = routing["gate"]["fitted_on"]
+    assert fitted["site_cells"] + fitted["general_images"] == card["ood"]["fitted_on"]["n"]
+    # Herlev's own test cells that the gate sends to the general model get exactly its calls: every changed call
+    # is one the site network made.
+    assert herlev["calls_changed_7class"] <= herlev["routed_to_site_network"] < 184
     # 56 cells and a few steps cannot show the quality targets (better on held-out slides, Herlev within
     # 2 points); the full-size run in bench/site_adaptation.py measures them (model_store/README.md).
 
@@ -142,6 +150,22 @@ def test_reviewed_cells_adapt_the_model(live_server, herlev_dir, sign_in, tmp_pa
         )
         assert call.model_version == "site-adapted"
         assert call.in_distribution is not None
+        # Cells like Herlev's own get the bundled model's calls, read at its cut-off, with its version recorded.
+        policy = second.policy
+        assert policy.cutoff_of(call) == card["abnormal_threshold"]["value"]
+        herlev_cells = [path.read_bytes() for path in sorted((herlev_dir / "carcinoma_in_situ").glob("*.BMP"))[:5]]
+        herlev_calls = [second.batcher.predict(data) for data in herlev_cells]
+        assert {c.model_version for c in herlev_calls} <= {"site-adapted", base.version}
+        general_calls = [
+            (c, data) for c, data in zip(herlev_calls, herlev_cells, strict=True) if c.model_version == base.version
+        ]
+        assert general_calls  # the gate sent 89 to 91 of Herlev's 92 validation cells there in the full-size runs
+        for general_call, data in general_calls:
+            assert general_call.probabilities == pytest.approx(base.predict([data])[0].probabilities, abs=1e-6)
+            assert policy.cutoff_of(general_call) == base.abnormal_threshold
+        # Stored with the general model's weights, whose heatmap it draws.
+        assert second.models.weights_sha256_of(base.version) == base.weights_sha256
+        assert second.models.model_for(base.weights_sha256).version == base.version
         # Unusual inputs are flagged as by the base model (which flags every image of these two sets): not a
         # typical cell. (With 56 site cells the adapted guard is looser on rendered text; model_store/README.md.)
         crops = [site_png(p.read_bytes()) for p in sorted((herlev_dir / "normal_columnar").glob("*.BMP"))[:2]]
@@ -161,3 +185,4 @@ def test_reviewed_cells_adapt_the_model(live_server, herlev_dir, sign_in, tmp_pa
     page = admin.get("/admin")
     assert page.status_code == 200
     assert f"{herlev['calls_changed_7class']} of 184 calls changed: {herlev['calls_now_right']} now right" in page.text
+    assert f"cells unlike the site's: {base.version}, unchanged" in page.text
