@@ -127,6 +127,8 @@ class Classifier:
                 routing = _routing(model_dir, card["routing"], batch_size, with_ood, precision, max_images_per_pass)
                 if routing.gate.coef.shape != (sum(predictor.feature_dims),):
                     raise ValueError("the routing gate was not fitted on this network's features")
+                if routing.general.spec != spec:  # routed cells are prepared once, for both networks
+                    raise ValueError("the general model takes another input than the site network")
             release_free_memory()
             return cls(model_dir, card, predictor, ood, routing)
         except (KeyError, TypeError, ValueError, OSError) as exc:
@@ -191,13 +193,17 @@ class Classifier:
         """
         if not images:
             return []
-        probs, features, flags = self.analyse(images)
+        pixels, flags = self._prepare(images)
+        return self._predict_prepared(pixels, flags)
+
+    def _predict_prepared(self, pixels: np.ndarray, flags: list[list[str]]) -> list[Prediction]:
+        probs, features = self.predict_pixels_with_features(pixels)
         scores = self.ood.scores(features) if self.ood is not None else [None] * len(probs)
         predictions = [self._to_prediction(*row) for row in zip(probs, scores, flags, strict=True)]
         general = [int(i) for i in np.flatnonzero(self.to_general(features))]
-        if self.routing is not None and general:
-            calls = self.routing.general.predict([images[i] for i in general])
-            for i, call in zip(general, calls, strict=True):  # the general model's call, with its version
+        if self.routing is not None and general:  # the general model's calls, with its version (same input spec)
+            calls = self.routing.general._predict_prepared(pixels[general], [flags[i] for i in general])
+            for i, call in zip(general, calls, strict=True):
                 predictions[i] = call
         return predictions
 
@@ -208,11 +214,16 @@ class Classifier:
                 return part.weights_sha256
         raise KeyError(version)
 
-    def analyse(self, images: Sequence[bytes | Image.Image]) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-        """Calibrated probabilities, pooled features and input flags of images, in one forward pass."""
+    def _prepare(self, images: Sequence[bytes | Image.Image]) -> tuple[np.ndarray, list[list[str]]]:
+        """Network input and input flags of images (decoded once)."""
         decoded = [decode_image(image) for image in images]
         flags = [input_flags(as_sent(image), rgb) for image, rgb in zip(images, decoded, strict=True)]
-        pixels = np.stack([prepare_image(rgb, self.spec) for rgb in decoded])
+        return np.stack([prepare_image(rgb, self.spec) for rgb in decoded]), flags
+
+    def analyse(self, images: Sequence[bytes | Image.Image]) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        """Calibrated probabilities, pooled features and input flags of images, in one forward pass (this network's:
+        a routed model's site network)."""
+        pixels, flags = self._prepare(images)
         probs, features = self.predict_pixels_with_features(pixels)
         return probs, features, flags
 
