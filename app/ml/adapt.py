@@ -44,7 +44,7 @@ from app.errors import DatasetError, InputError, InvalidImageError
 from app.ml import calibration as cal
 from app.ml.artifact import WEIGHTS_FILE, read_card, sha256_file, write_card
 from app.ml.classes import CLASS_NAMES
-from app.ml.classifier import Classifier
+from app.ml.classifier import Classifier, Routing
 from app.ml.data import Dataset, discover, fixed_split, load_arrays
 from app.ml.evaluation import ABNORMAL_MASK, compute_metrics, write_report
 from app.ml.export import export_int8, score
@@ -295,10 +295,11 @@ def adapt(
             )
         if base is not None:
             with _timed(minutes, "routing"):
-                card["routing"] = _routing(work, general, fit_features, y_fit, val_features, len(split.val))
+                card["routing"], gate = _routing(work, general, fit_features, y_fit, val_features, len(split.val))
                 shutil.copytree(general.model_dir, work / GENERAL_DIR, ignore=shutil.ignore_patterns(GENERAL_DIR))
                 write_card(work, card)
-                adapted = Classifier.load(work, with_ood=False, precision="float32")
+                # The networks already loaded, routed (the copy is checked when the finished directory is loaded).
+                adapted = Classifier(work, card, adapted.predictor, adapted.ood, Routing(general, gate))
         with _timed(minutes, "scoring"):
             after = adapted.routed(x_test, site_after.probs, site_after.features)
             site: dict[str, Any] = {
@@ -448,15 +449,15 @@ def _routing(
     fit_labels: np.ndarray,
     val_features: np.ndarray,
     site_val_cells: int,
-) -> dict[str, Any]:
-    """Fit the gate on the fitting cells' features (site cells against base images), write it, and return the
-    card's "routing" section with how well it routes the validation cells (site's first, then the base's)."""
+) -> tuple[dict[str, Any], DomainGate]:
+    """Fit the gate on the fitting cells' features (site cells against base images), write it, and return it with
+    the card's "routing" section: how well it routes the validation cells (site's first, then the base's)."""
     at_site = fit_labels >= len(CLASS_NAMES)
     gate = DomainGate.fit(fit_features[at_site], fit_features[~at_site])
     gate.save(work / GATE_FILE)
     to_general = gate.general(val_features)
     site_val, base_val = to_general[:site_val_cells], to_general[site_val_cells:]
-    return {
+    section = {
         "general": GENERAL_DIR,
         "general_version": general.version,
         "general_weights_sha256": general.weights_sha256,
@@ -474,6 +475,7 @@ def _routing(
             },
         },
     }
+    return section, gate
 
 
 def _write_adapted(

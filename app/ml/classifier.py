@@ -150,9 +150,8 @@ class Classifier:
 
     def heatmap(self, pixels: np.ndarray, class_index: int) -> np.ndarray:
         """Class-activation map of one prepared image for a class, by the network that made its call."""
-        if self.to_general(self.predictor.with_features(pixels[None])[1])[0]:
-            assert self.routing is not None
-            return self.routing.general.heatmap(pixels, class_index)
+        if self.routing is not None and self.to_general(self.predictor.with_features(pixels[None])[1])[0]:
+            return self.routing.general.heatmap(pixels, class_index)  # one more forward pass, routed models only
         return self.predictor.heatmap(pixels, class_index)
 
     def to_general(self, features: np.ndarray) -> np.ndarray:
