@@ -63,8 +63,10 @@ def train(
     cv: Annotated[
         int,
         typer.Option(
-            help="Run grouped k-fold cross-validation with this k instead: every stage retrained per fold (with "
-            "--init-from, the starting model's recipe first); a rerun keeps the folds already scored in --out."
+            help="Run grouped k-fold cross-validation with this k instead, on the development cells (the test "
+            "split stays out; each fold's network is also scored on it, alone and as an ensemble): every stage "
+            "retrained per fold (with --init-from, the starting model's recipe first); a rerun keeps the folds, "
+            "stages and epochs already done in --out."
         ),
     ] = 0,
 ) -> None:

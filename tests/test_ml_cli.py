@@ -273,7 +273,10 @@ def test_grouped_cross_validation_runs_every_fold(runs, cli_inputs):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((cli_inputs["root"] / "cv" / "cv_metrics.json").read_text())
     assert report["k"] == 2 and len(report["folds"]) == 2
-    assert sum(fold["n"] for fold in report["folds"]) == len(CLASS_NAMES) * IMAGES_PER_CLASS  # each image once
+    cells = report["cells"]  # the test split stays out of every fold; each development image is held out once
+    assert cells["development"] + cells["test"] == len(CLASS_NAMES) * IMAGES_PER_CLASS
+    assert sum(fold["n"] for fold in report["folds"]) == cells["development"]
+    assert report["test"]["ensemble"]["n"] == cells["test"]
     for name in ("accuracy_7class", "macro_f1", "binary_accuracy"):
         summary = report["summary"][name]
         assert len(summary["folds"]) == 2 and summary["mean"] == pytest.approx(np.mean(summary["folds"]))
@@ -312,8 +315,10 @@ def test_a_starting_models_recipe_is_read_from_its_card(two_stage_recipe):
 
 def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_recipe, tiny_dataset, tmp_path, capsys):
     """The starting model saw other folds' held-out cells, so each fold trains both stages; a rerun keeps the
-    folds already scored (a fold file whose recipe differs is redone)."""
-    from app.ml.data import discover
+    folds already scored (a fold file whose recipe differs is redone). Each fold's network is kept and scored on
+    the test split, alone and in the ensemble."""
+    from app.ml.data import discover, fixed_split
+    from app.ml.evaluation import compute_metrics
     from app.ml.train import cross_validate
 
     _, recipe = two_stage_recipe
@@ -322,10 +327,26 @@ def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_re
     printed = capsys.readouterr().out
     assert printed.count("stage 1/2: recipe default") == 2 and printed.count("stage 2/2: recipe robust") == 2
     assert [s["name"] for s in report["stages"]] == ["default", "robust"]
-    assert sum(fold["n"] for fold in report["folds"]) == len(dataset.samples)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cv_metrics.json", "fold_1_of_2.json", "fold_2_of_2.json"]
+    test = fixed_split(dataset, recipe.seed, val_folds=recipe.val_folds).test
+    assert sum(fold["n"] for fold in report["folds"]) == len(dataset.samples) - len(test)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cv_metrics.json",
+        "fold_1_of_2.json",
+        "fold_1_of_2.weights.npz",
+        "fold_2_of_2.json",
+        "fold_2_of_2.weights.npz",
+    ]
     minutes = report["minutes_by_fold"]
     assert len(minutes) == 2 and all(m >= 0 for m in minutes)
+    records = [json.loads((tmp_path / f"fold_{n}_of_2.json").read_text()) for n in (1, 2)]
+    for record in records:
+        assert sha256_file(tmp_path / record["weights"]) == record["weights_sha256"]
+        assert record["test_metrics"]["n"] == len(test)
+    mean = np.mean([r["test_probabilities"] for r in records], axis=0)
+    assert report["test"]["ensemble"] == compute_metrics(dataset.labels[test], mean)
+    assert report["test"]["single_networks"]["accuracy_7class"]["folds"] == [
+        r["test_metrics"]["multiclass"]["accuracy"] for r in records
+    ]
 
     record = json.loads((tmp_path / "fold_2_of_2.json").read_text())
     assert record["minutes"] == minutes[1]
@@ -335,3 +356,49 @@ def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_re
     assert "fold 1/2: scored by an earlier run" in printed and printed.count("stage 1/2") == 1
     assert again["folds"][0] == report["folds"][0] and again["minutes_by_fold"][0] == minutes[0]
     assert json.loads((tmp_path / "fold_2_of_2.json").read_text())["key"] == record["key"]
+
+
+def test_a_killed_fold_continues_from_its_last_finished_epoch(
+    two_stage_recipe, tiny_dataset, tmp_path, capsys, monkeypatch
+):
+    """A process killed in the middle of a stage keeps the finished stages and epochs: the rerun trains only
+    what is left (the shipped recipe's fold is about 90 minutes of CPU)."""
+    import keras
+
+    from app.ml.data import discover, load_arrays
+    from app.ml.train import _fit_stages, recipe_stages
+
+    _, recipe = two_stage_recipe
+    stages = recipe_stages(recipe.with_overrides(epochs=3))
+    dataset = discover(tiny_dataset)
+    x, y = load_arrays(dataset, recipe.input, progress=False)
+    work = tmp_path / "work"
+
+    class Killed(Exception):
+        pass
+
+    original = keras.callbacks.BackupAndRestore
+
+    class KilledAfterTwoEpochs(original):  # type: ignore[misc,valid-type]
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)  # the epoch is saved first, as it would be before a kill
+            if epoch == 1:
+                raise Killed
+
+    monkeypatch.setattr(keras.callbacks, "BackupAndRestore", KilledAfterTwoEpochs)
+    with pytest.raises(Killed):
+        _fit_stages(x, y, stages, work, key="fold A")
+    printed = capsys.readouterr().out
+    assert "stage 1/2: recipe default" in printed and "Epoch 2/3" in printed and "Epoch 3/3" not in printed
+    assert (work / "stage_1" / WEIGHTS_FILE).is_file() and not (work / "stage_2").exists()
+
+    monkeypatch.setattr(keras.callbacks, "BackupAndRestore", original)
+    weights = _fit_stages(x, y, stages, work, key="fold A")
+    printed = capsys.readouterr().out
+    assert "stage 1/2: trained by an earlier run, kept" in printed
+    assert "Epoch 3/3" in printed and "Epoch 1/3" not in printed and "Epoch 2/3" not in printed
+    assert weights == work / "stage_2" / WEIGHTS_FILE and weights.is_file()
+    assert not (work / "stage_2.backup").exists()  # removed once the stage finished
+
+    _fit_stages(x, y, stages[:1], work, key="fold B")  # another fold's leftovers are not reused
+    assert "stage 1/1: recipe default" in capsys.readouterr().out

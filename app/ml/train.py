@@ -98,15 +98,8 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def fit(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    recipe: Recipe,
-    validation: tuple[np.ndarray, np.ndarray] | None = None,
-    verbose: int = 2,
-) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Build the network for the recipe and train it; returns (model, per-epoch history)."""
-    keras.utils.set_random_seed(recipe.seed)
+def network(recipe: Recipe) -> keras.Model:
+    """The recipe's network, with the weights of its starting model (`init_from`) when it has one."""
     with dtype_policy("mixed_bfloat16" if recipe.mixed_precision else "float32"):
         model = build_model(
             recipe.input.size,
@@ -118,6 +111,24 @@ def fit(
         )
     if recipe.init_from is not None:
         load_weights(model, Path(recipe.init_from) / WEIGHTS_FILE)
+    return model
+
+
+def fit(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    recipe: Recipe,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    verbose: int = 2,
+    backup_dir: Path | None = None,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Build the network for the recipe and train it; returns (model, per-epoch history).
+
+    With `backup_dir`, weights and optimizer state are saved there after every epoch and a rerun continues from
+    the last saved epoch (the folder is removed when training ends): a long run survives a killed process.
+    """
+    keras.utils.set_random_seed(recipe.seed)
+    model = network(recipe)
     steps = int(np.ceil(len(x_train) / recipe.batch_size))
     model.compile(
         optimizer=optimizer(recipe, steps),
@@ -134,6 +145,7 @@ def fit(
         epochs=recipe.epochs,
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=verbose,
+        callbacks=[keras.callbacks.BackupAndRestore(str(backup_dir))] if backup_dir is not None else None,
     )
     return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
@@ -217,74 +229,119 @@ def recipe_stages(recipe: Recipe) -> list[Recipe]:
     return [*recipe_stages(parent), recipe]
 
 
-def _fit_stages(x: np.ndarray, y: np.ndarray, stages: list[Recipe], work: Path) -> keras.Model:
-    """Train each stage from the previous stage's weights (kept in work/ until the last stage is done)."""
-    model: keras.Model | None = None
+def _fit_stages(x: np.ndarray, y: np.ndarray, stages: list[Recipe], work: Path, key: str) -> Path:
+    """Train each stage from the previous stage's weights; returns the last stage's weights file.
+
+    Every finished stage, and within a stage every epoch, is kept in work/ under the fold's key, so a killed run
+    continues where it stopped instead of at the start of the fold (hours of CPU for the shipped recipe).
+    """
+    if (work / "key").is_file() and (work / "key").read_text() != key:
+        shutil.rmtree(work)  # left by another recipe, data or fold
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "key").write_text(key)
+    previous: Path | None = None
     for number, stage in enumerate(stages, 1):
-        if model is not None:  # float16 on disk, as a starting model's weights always are
-            previous = work / f"stage_{number - 1}"
-            previous.mkdir(parents=True, exist_ok=True)
-            save_weights(model, previous / WEIGHTS_FILE)
+        if previous is not None:  # float16 on disk, as a starting model's weights always are
             stage = stage.with_overrides(init_from=str(previous))
-        print(f"  stage {number}/{len(stages)}: recipe {stage.name}, {stage.epochs} epochs", flush=True)
-        model, _ = fit(x, y, stage)
-    assert model is not None
-    shutil.rmtree(work, ignore_errors=True)
-    return model
+        done = work / f"stage_{number}"
+        if (done / WEIGHTS_FILE).is_file():
+            print(f"  stage {number}/{len(stages)}: trained by an earlier run, kept", flush=True)
+        else:
+            print(f"  stage {number}/{len(stages)}: recipe {stage.name}, {stage.epochs} epochs", flush=True)
+            model, _ = fit(x, y, stage, backup_dir=work / f"stage_{number}.backup")
+            partial = work / f"stage_{number}.partial"
+            partial.mkdir(exist_ok=True)
+            save_weights(model, partial / WEIGHTS_FILE)
+            partial.replace(done)  # a stage is either kept whole or not at all
+            del model
+            keras.backend.clear_session()
+        previous = done
+    assert previous is not None
+    return previous / WEIGHTS_FILE
+
+
+_PICKS: dict[str, Callable[[dict[str, Any]], float]] = {
+    "accuracy_7class": lambda m: m["multiclass"]["accuracy"],
+    "macro_f1": lambda m: m["multiclass"]["macro_f1"],
+    "binary_accuracy": lambda m: m["binary"]["accuracy"],
+    "binary_roc_auc": lambda m: m["binary"]["roc_auc"],
+}
+
+
+def _spread(folds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean, standard deviation and per-fold values of the headline metrics."""
+    summary = {}
+    for name, pick in _PICKS.items():
+        values = np.array([pick(m) for m in folds], dtype=np.float64)
+        summary[name] = {"mean": float(values.mean()), "std": float(values.std()), "folds": values.tolist()}
+    return summary
 
 
 def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> dict[str, Any]:
-    """Grouped, stratified k-fold CV: train on k-1 folds (every stage of the recipe), score the held-out fold.
+    """Grouped, stratified k-fold CV on the development cells (the fixed split's training and validation cells).
 
-    Each scored fold is written to out_dir at once, and a rerun with the same recipe and data skips it: five
-    folds of the shipped recipe take hours on a CPU, and a stopped run resumes where it stopped.
+    Each fold trains every stage of the recipe on k-1 folds and is scored on the held-out fold. The test split
+    stays out of every fold, so each fold's network is also scored on it, alone and as an ensemble of the k
+    networks: whether an ensemble beats one network is measured on cells none of them saw. Each scored fold
+    (metrics, test probabilities and float16 weights) is written to out_dir at once and a rerun with the same
+    recipe and data skips it; within a fold, finished stages and epochs are kept too.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = recipe_stages(recipe)
+    split = fixed_split(dataset, recipe.seed, val_folds=recipe.val_folds)
+    development = np.sort(np.concatenate([split.train, split.val]))
     x, y = load_arrays(dataset, recipe.input)
     recipes_key = json.dumps([stage.to_dict() for stage in stages], sort_keys=True) + dataset.fingerprint()
-    folds, minutes_by_fold = [], []
-    for index, (train_idx, test_idx) in enumerate(grouped_folds(dataset, k, recipe.seed)):
+    records = []
+    for index, (train_local, held_local) in enumerate(grouped_folds(dataset.subset(development), k, recipe.seed)):
+        train_idx, held_idx = development[train_local], development[held_local]
         name = f"fold_{index + 1}_of_{k}"
-        key = hashlib.sha256((recipes_key + ",".join(map(str, test_idx))).encode()).hexdigest()
-        record = out_dir / f"{name}.json"
-        earlier = json.loads(record.read_text()) if record.is_file() else {}
-        if earlier.get("key") == key:
-            print(f"fold {index + 1}/{k}: scored by an earlier run ({record.name}), skipped", flush=True)
-            folds.append(earlier["metrics"])
-            minutes_by_fold.append(earlier.get("minutes"))
+        key = hashlib.sha256((recipes_key + ",".join(map(str, held_idx))).encode()).hexdigest()
+        record_file = out_dir / f"{name}.json"
+        earlier = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        if earlier.get("key") == key and (out_dir / earlier.get("weights", "")).is_file():
+            print(f"fold {index + 1}/{k}: scored by an earlier run ({record_file.name}), skipped", flush=True)
+            records.append(earlier)
             continue
-        print(f"fold {index + 1}/{k}: {len(train_idx)} train, {len(test_idx)} held out", flush=True)
+        print(f"fold {index + 1}/{k}: {len(train_idx)} train, {len(held_idx)} held out", flush=True)
         started = datetime.now(UTC)
-        model = _fit_stages(x[train_idx], y[train_idx], stages, out_dir / f".{name}-stages")
-        metrics = compute_metrics(y[test_idx], Predictor(model, tta=recipe.tta)(x[test_idx]))
-        minutes = round((datetime.now(UTC) - started).total_seconds() / 60, 1)
-        print(f"fold {index + 1}/{k}: scored in {minutes} minutes", flush=True)
-        partial = record.with_suffix(".partial")
-        partial.write_text(json.dumps({"key": key, "minutes": minutes, "metrics": metrics}, indent=2) + "\n")
-        partial.replace(record)  # a fold is either recorded whole or not at all
-        folds.append(metrics)
-        minutes_by_fold.append(minutes)
-        del model
+        work = out_dir / f".{name}-stages"
+        weights = _fit_stages(x[train_idx], y[train_idx], stages, work, key)
+        predict = Predictor(network(stages[-1].with_overrides(init_from=str(weights.parent))), tta=recipe.tta)
+        test_probs = predict(x[split.test])
+        record = {
+            "key": key,
+            "minutes": round((datetime.now(UTC) - started).total_seconds() / 60, 1),
+            "metrics": compute_metrics(y[held_idx], predict(x[held_idx])),
+            "test_metrics": compute_metrics(y[split.test], test_probs),
+            "test_probabilities": np.round(test_probs, 6).tolist(),
+            "weights": f"{name}.weights.npz",
+            "weights_sha256": sha256_file(weights),
+        }
+        weights.replace(out_dir / record["weights"])
+        print(f"fold {index + 1}/{k}: scored in {record['minutes']} minutes", flush=True)
+        partial = record_file.with_suffix(".partial")
+        partial.write_text(json.dumps(record, indent=2) + "\n")
+        partial.replace(record_file)  # a fold is either recorded whole or not at all
+        shutil.rmtree(work)
+        records.append(record)
+        del predict
         keras.backend.clear_session()
-    summary = {}
-    picks: dict[str, Callable[[dict[str, Any]], float]] = {
-        "accuracy_7class": lambda m: m["multiclass"]["accuracy"],
-        "macro_f1": lambda m: m["multiclass"]["macro_f1"],
-        "binary_accuracy": lambda m: m["binary"]["accuracy"],
-        "binary_roc_auc": lambda m: m["binary"]["roc_auc"],
-    }
-    for name, pick in picks.items():
-        values = np.array([pick(m) for m in folds], dtype=np.float64)
-        summary[name] = {"mean": float(values.mean()), "std": float(values.std()), "folds": values.tolist()}
+    ensemble = np.mean([np.asarray(r["test_probabilities"], dtype=np.float64) for r in records], axis=0)
     result = {
         "k": k,
+        "cells": {"development": len(development), "test": len(split.test)},
         "recipe": recipe.to_dict(),
         "stages": [stage.to_dict() for stage in stages],
-        "summary": summary,
-        "minutes_by_fold": minutes_by_fold,
-        "folds": folds,
+        "summary": _spread([r["metrics"] for r in records]),
+        "minutes_by_fold": [r.get("minutes") for r in records],
+        "folds": [r["metrics"] for r in records],
+        "test": {
+            "single_networks": _spread([r["test_metrics"] for r in records]),
+            "ensemble": compute_metrics(y[split.test], ensemble),
+            "ensemble_weights": [r["weights"] for r in records],
+        },
     }
     (out_dir / "cv_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
