@@ -111,7 +111,7 @@ def train(
     try:
         dataset = discover(data)
         if cv:
-            from app.ml.train import cross_validate
+            from app.ml.cross_validation import cross_validate
 
             result = cross_validate(dataset, chosen, cv, out)
             typer.echo(json.dumps(result["summary"], indent=2))
@@ -161,6 +161,21 @@ def robustness(
     except PapcadError as exc:
         fail(str(exc))
     typer.echo(markdown_table(result["shifts"]))
+
+
+@cli.command("record-cv")
+def record_cv(
+    model: Annotated[Path, typer.Option(help="Model directory (with model_card.json).")],
+    cv: Annotated[Path, typer.Option(help="Output folder of a finished papcad train --cv of that model's recipe.")],
+) -> None:
+    """Write a finished cross-validation of the model's recipe and data into its card ("cross_validation")."""
+    from app.ml.cross_validation import record_in_card
+
+    try:
+        section = record_in_card(model, cv)
+    except PapcadError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(section["held_out_folds"], indent=2))
 
 
 @cli.command("fit-ood")

@@ -142,6 +142,7 @@ def runs(cli_inputs) -> dict[str, subprocess.CompletedProcess]:
         "train_too_small": ["train", "--data", i["too_small"], "--out", i["root"] / "c", *tiny_train],
         "train_unknown_recipe": ["train", "--data", i["tiny_dataset"], "--out", i["root"] / "d", "--recipe", "nope"],
         "evaluate_missing_model": ["evaluate", "--model", i["root"] / "no_such_model", "--data", i["herlev"]],
+        "record_cv_not_run": ["record-cv", "--model", i["tiny_model"], "--cv", i["root"] / "no_cv_here"],
     }
     with ThreadPoolExecutor(max_workers=3) as pool:
         chain = pool.submit(_train_then_evaluate, i, tiny_train)
@@ -283,6 +284,11 @@ def test_grouped_cross_validation_runs_every_fold(runs, cli_inputs):
     assert last_json_block(result.stdout) == report["summary"]
 
 
+def test_record_cv_refuses_a_folder_without_a_finished_cross_validation(runs, cli_inputs):
+    assert_clean_failure(runs["record_cv_not_run"], 2, "no finished cross-validation")
+    assert "cross_validation" not in read_card(cli_inputs["tiny_model"])
+
+
 def test_evaluate_refuses_data_the_model_was_not_trained_on(evaluations):
     assert_clean_failure(evaluations["other_data"], 2, "fingerprint differs")
 
@@ -306,7 +312,7 @@ def two_stage_recipe(tiny_model_dir, tmp_path_factory):
 
 
 def test_a_starting_models_recipe_is_read_from_its_card(two_stage_recipe):
-    from app.ml.train import recipe_stages
+    from app.ml.cross_validation import recipe_stages
 
     first, second = two_stage_recipe
     stages = recipe_stages(second)
@@ -317,9 +323,9 @@ def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_re
     """The starting model saw other folds' held-out cells, so each fold trains both stages; a rerun keeps the
     folds already scored (a fold file whose recipe differs is redone). Each fold's network is kept and scored on
     the test split, alone and in the ensemble."""
+    from app.ml.cross_validation import cross_validate
     from app.ml.data import discover, fixed_split
     from app.ml.evaluation import compute_metrics
-    from app.ml.train import cross_validate
 
     _, recipe = two_stage_recipe
     dataset = discover(tiny_dataset)
@@ -358,6 +364,56 @@ def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_re
     assert json.loads((tmp_path / "fold_2_of_2.json").read_text())["key"] == record["key"]
 
 
+def test_a_finished_cross_validation_goes_into_the_card_of_a_model_of_that_recipe(
+    two_stage_recipe, tiny_dataset, tiny_model_dir, tmp_path
+):
+    """`papcad record-cv` writes the spread into the card, and refuses a CV of another recipe or other data."""
+    from app.errors import DatasetError
+    from app.ml.cross_validation import CV_FILE, recipe_stages, record_in_card
+    from app.ml.data import discover
+
+    _, recipe = two_stage_recipe
+    fingerprint = discover(tiny_dataset).fingerprint()
+    summary = {"accuracy_7class": {"mean": 0.5, "std": 0.1, "folds": [0.4, 0.6]}}
+    ensemble = {"n": 3, "multiclass": {"accuracy": 0.7, "macro_f1": 0.6}, "binary": {"accuracy": 0.9, "roc_auc": 1.0}}
+    report = {
+        "k": 2,
+        "cells": {"development": 60, "test": 24},
+        "data": {"fingerprint_sha256": fingerprint},
+        "summary": summary,
+        "minutes_by_fold": [1.0, 2.0],
+        "test": {"single_networks": summary, "ensemble": ensemble},
+    }
+    cv_dir = tmp_path / "cv"
+    cv_dir.mkdir()
+    model = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    card = read_card(model)
+    card["recipe"], card["data"] = recipe.to_dict(), {"fingerprint_sha256": fingerprint}
+    (model / CARD_FILE).write_text(json.dumps(card))
+
+    real_stages = [stage.to_dict() for stage in recipe_stages(recipe)]
+    for wrong, message in (
+        ({"stages": [real_stages[-1]]}, "another recipe"),
+        ({"stages": real_stages, "data": {"fingerprint_sha256": "0" * 64}}, "other data"),
+    ):
+        (cv_dir / CV_FILE).write_text(json.dumps({**report, **wrong}))
+        with pytest.raises(DatasetError, match=message):
+            record_in_card(model, cv_dir)
+        assert "cross_validation" not in read_card(model)
+
+    (cv_dir / CV_FILE).write_text(json.dumps({**report, "stages": real_stages}))
+    section = record_in_card(model, cv_dir)
+    assert read_card(model)["cross_validation"] == section
+    assert section["k"] == 2 and section["held_out_folds"] == summary and section["cells"]["test"] == 24
+    assert section["test_split"]["ensemble_of_folds"] == {
+        "accuracy_7class": 0.7,
+        "macro_f1": 0.6,
+        "binary_accuracy": 0.9,
+        "binary_roc_auc": 1.0,
+    }
+    assert read_card(model)["weights_sha256"] == card["weights_sha256"]  # nothing else in the card changed
+
+
 def test_a_killed_fold_continues_from_its_last_finished_epoch(
     two_stage_recipe, tiny_dataset, tmp_path, capsys, monkeypatch
 ):
@@ -365,8 +421,8 @@ def test_a_killed_fold_continues_from_its_last_finished_epoch(
     what is left (the shipped recipe's fold is about 90 minutes of CPU)."""
     import keras
 
+    from app.ml.cross_validation import fit_stages, recipe_stages
     from app.ml.data import discover, load_arrays
-    from app.ml.train import _fit_stages, recipe_stages
 
     _, recipe = two_stage_recipe
     stages = recipe_stages(recipe.with_overrides(epochs=3))
@@ -387,18 +443,18 @@ def test_a_killed_fold_continues_from_its_last_finished_epoch(
 
     monkeypatch.setattr(keras.callbacks, "BackupAndRestore", KilledAfterTwoEpochs)
     with pytest.raises(Killed):
-        _fit_stages(x, y, stages, work, key="fold A")
+        fit_stages(x, y, stages, work, key="fold A")
     printed = capsys.readouterr().out
     assert "stage 1/2: recipe default" in printed and "Epoch 2/3" in printed and "Epoch 3/3" not in printed
     assert (work / "stage_1" / WEIGHTS_FILE).is_file() and not (work / "stage_2").exists()
 
     monkeypatch.setattr(keras.callbacks, "BackupAndRestore", original)
-    weights = _fit_stages(x, y, stages, work, key="fold A")
+    weights = fit_stages(x, y, stages, work, key="fold A")
     printed = capsys.readouterr().out
     assert "stage 1/2: trained by an earlier run, kept" in printed
     assert "Epoch 3/3" in printed and "Epoch 1/3" not in printed and "Epoch 2/3" not in printed
     assert weights == work / "stage_2" / WEIGHTS_FILE and weights.is_file()
     assert not (work / "stage_2.backup").exists()  # removed once the stage finished
 
-    _fit_stages(x, y, stages[:1], work, key="fold B")  # another fold's leftovers are not reused
+    fit_stages(x, y, stages[:1], work, key="fold B")  # another fold's leftovers are not reused
     assert "stage 1/1: recipe default" in capsys.readouterr().out

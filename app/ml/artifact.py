@@ -41,7 +41,11 @@ def read_card(model_dir: Path) -> dict[str, Any]:
 
 
 def write_card(model_dir: Path, card: dict[str, Any]) -> None:
-    (Path(model_dir) / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    """Replace the card in one step: a process killed while writing leaves the old card, never half of one."""
+    path = Path(model_dir) / CARD_FILE
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(card, indent=2) + "\n")
+    partial.replace(path)
 
 
 def verified_file(model_dir: Path, name: str, expected: str | None, what: str) -> Path:
