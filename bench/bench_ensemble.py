@@ -13,7 +13,6 @@ Every network runs in Keras float32, the same code path for all. Writes bench/re
 """
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -22,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from common import HERLEV_DIR, REPO_ROOT, machine_info, repo_relative, write_json
 
-from app.ml.artifact import WEIGHTS_FILE, read_card
+from app.ml.artifact import WEIGHTS_FILE, read_card, sha256_file
 from app.ml.classes import CLASS_NAMES
+from app.ml.cross_validation import headline
 from app.ml.data import discover, fixed_split, load_arrays
 from app.ml.evaluation import compute_metrics
 from app.ml.inference import Predictor
@@ -34,22 +34,13 @@ TTAS = ("none", "flips4", "dihedral8")
 TIMING_CELLS = 64
 
 
-def headline(metrics: dict) -> dict[str, float]:
-    return {
-        "accuracy_7class": metrics["multiclass"]["accuracy"],
-        "macro_f1": metrics["multiclass"]["macro_f1"],
-        "binary_accuracy": metrics["binary"]["accuracy"],
-        "binary_roc_auc": metrics["binary"]["roc_auc"],
-    }
-
-
 def fold_weights(cv_dir: Path) -> list[Path]:
     """The fold networks `papcad train --cv` kept, each checked against the hash its fold record holds."""
     paths = []
     for record_file in sorted(cv_dir.glob("fold_*_of_*.json")):
         record = json.loads(record_file.read_text())
         path = cv_dir / record["weights"]
-        if hashlib.sha256(path.read_bytes()).hexdigest() != record["weights_sha256"]:
+        if sha256_file(path) != record["weights_sha256"]:
             sys.exit(f"error: {path} does not match the hash in {record_file.name}")
         paths.append(path)
     if not paths:

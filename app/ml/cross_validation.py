@@ -79,6 +79,11 @@ _PICKS: dict[str, Callable[[dict[str, Any]], float]] = {
 }
 
 
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The four numbers a cross-validation reports, from `compute_metrics`' output."""
+    return {name: pick(metrics) for name, pick in _PICKS.items()}
+
+
 def _spread(folds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Mean, standard deviation and per-fold values of the headline metrics."""
     summary = {}
@@ -182,7 +187,7 @@ def record_in_card(model_dir: Path, cv_dir: Path) -> dict[str, Any]:
         "held_out_folds": report["summary"],
         "test_split": {
             "single_networks": test["single_networks"],
-            "ensemble_of_folds": {name: pick(test["ensemble"]) for name, pick in _PICKS.items()},
+            "ensemble_of_folds": headline(test["ensemble"]),
         },
         "minutes_by_fold": report["minutes_by_fold"],
     }
