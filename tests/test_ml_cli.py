@@ -449,11 +449,17 @@ def test_a_killed_fold_continues_from_its_last_finished_epoch(
     assert (work / "stage_1" / WEIGHTS_FILE).is_file() and not (work / "stage_2").exists()
 
     monkeypatch.setattr(keras.callbacks, "BackupAndRestore", original)
-    weights = fit_stages(x, y, stages, work, key="fold A")
+    seconds_before = (work / "stage_2.backup.seconds").read_text().split()
+    assert len(seconds_before) == 2  # the two epochs that finished before the kill
+
+    weights, minutes = fit_stages(x, y, stages, work, key="fold A")
     printed = capsys.readouterr().out
     assert "stage 1/2: trained by an earlier run, kept" in printed
     assert "Epoch 3/3" in printed and "Epoch 1/3" not in printed and "Epoch 2/3" not in printed
     assert weights == work / "stage_2" / WEIGHTS_FILE and weights.is_file()
+    logs = [work / "stage_1.backup.seconds", work / "stage_2.backup.seconds"]
+    every_epoch = [float(seconds) for log in logs for seconds in log.read_text().split()]
+    assert len(every_epoch) == 1 + 3 and minutes == pytest.approx(sum(every_epoch) / 60)  # both runs counted
     assert not (work / "stage_2.backup").exists()  # removed once the stage finished
 
     fit_stages(x, y, stages[:1], work, key="fold B")  # another fold's leftovers are not reused

@@ -8,7 +8,6 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,9 @@ def recipe_stages(recipe: Recipe) -> list[Recipe]:
     return [*recipe_stages(parent), recipe]
 
 
-def fit_stages(x: np.ndarray, y: np.ndarray, stages: list[Recipe], work: Path, key: str) -> Path:
-    """Train each stage from the previous stage's weights; returns the last stage's weights file.
+def fit_stages(x: np.ndarray, y: np.ndarray, stages: list[Recipe], work: Path, key: str) -> tuple[Path, float]:
+    """Train each stage from the previous stage's weights; returns the last stage's weights file and the minutes
+    all its epochs took (in every run that worked on them).
 
     Every finished stage, and within a stage every epoch, is kept in work/ under the fold's key, so a killed run
     continues where it stopped instead of at the start of the fold (hours of CPU for the shipped recipe).
@@ -68,7 +68,8 @@ def fit_stages(x: np.ndarray, y: np.ndarray, stages: list[Recipe], work: Path, k
             keras.backend.clear_session()
         previous = done
     assert previous is not None
-    return previous / WEIGHTS_FILE
+    seconds = sum(float(line) for log in work.glob("*.seconds") for line in log.read_text().split())
+    return previous / WEIGHTS_FILE, seconds / 60
 
 
 _PICKS: dict[str, Callable[[dict[str, Any]], float]] = {
@@ -121,14 +122,13 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
             records.append(earlier)
             continue
         print(f"fold {index + 1}/{k}: {len(train_idx)} train, {len(held_idx)} held out", flush=True)
-        started = datetime.now(UTC)
         work = out_dir / f".{name}-stages"
-        weights = fit_stages(x[train_idx], y[train_idx], stages, work, key)
+        weights, minutes = fit_stages(x[train_idx], y[train_idx], stages, work, key)
         predict = Predictor(network(stages[-1].with_overrides(init_from=str(weights.parent))), tta=recipe.tta)
         test_probs = predict(x[split.test])
         record = {
             "key": key,
-            "minutes": round((datetime.now(UTC) - started).total_seconds() / 60, 1),
+            "minutes": round(minutes, 1),  # training epochs, summed over every run that worked on this fold
             "metrics": compute_metrics(y[held_idx], predict(x[held_idx])),
             "test_metrics": compute_metrics(y[split.test], test_probs),
             "test_probabilities": np.round(test_probs, 6).tolist(),
@@ -136,7 +136,7 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
             "weights_sha256": sha256_file(weights),
         }
         weights.replace(out_dir / record["weights"])
-        print(f"fold {index + 1}/{k}: scored in {record['minutes']} minutes", flush=True)
+        print(f"fold {index + 1}/{k}: scored; its epochs took {record['minutes']} minutes", flush=True)
         partial = record_file.with_suffix(".partial")
         partial.write_text(json.dumps(record, indent=2) + "\n")
         partial.replace(record_file)  # a fold is either recorded whole or not at all

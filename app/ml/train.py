@@ -5,6 +5,7 @@ split (by group) -> load pixels -> augment -> fit -> save float16 weights + card
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,6 +111,22 @@ def network(recipe: Recipe) -> keras.Model:
     return model
 
 
+class EpochSeconds(keras.callbacks.Callback):  # type: ignore[misc]
+    """Appends each finished epoch's seconds to a file: a run resumed after a kill still knows its total time."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        with self.path.open("a") as handle:
+            handle.write(f"{time.perf_counter() - self._started:.1f}\n")
+
+
 def fit(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -121,7 +138,8 @@ def fit(
     """Build the network for the recipe and train it; returns (model, per-epoch history).
 
     With `backup_dir`, weights and optimizer state are saved there after every epoch and a rerun continues from
-    the last saved epoch (the folder is removed when training ends): a long run survives a killed process.
+    the last saved epoch (the folder is removed when training ends): a long run survives a killed process. The
+    seconds of every finished epoch, over all runs, are kept beside it in `<backup_dir>.seconds`.
     """
     keras.utils.set_random_seed(recipe.seed)
     model = network(recipe)
@@ -141,7 +159,9 @@ def fit(
         epochs=recipe.epochs,
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=verbose,
-        callbacks=[keras.callbacks.BackupAndRestore(str(backup_dir))] if backup_dir is not None else None,
+        callbacks=None
+        if backup_dir is None
+        else [EpochSeconds(Path(f"{backup_dir}.seconds")), keras.callbacks.BackupAndRestore(str(backup_dir))],
     )
     return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
