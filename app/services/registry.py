@@ -40,7 +40,17 @@ log = logging.getLogger("papcad.registry")
 
 CANDIDATE, ACTIVE, RETIRED = ModelStatus.CANDIDATE, ModelStatus.ACTIVE, ModelStatus.RETIRED
 # The card's sections shown on the admin page (the whole card stays in the model directory).
-CARD_KEYS = ("version", "created_at", "metrics", "abnormal_threshold", "calibration", "adaptation", "data", "routing")
+CARD_KEYS = (
+    "version",
+    "created_at",
+    "metrics",
+    "abnormal_threshold",
+    "calibration",
+    "adaptation",
+    "data",
+    "routing",
+    "cross_validation",
+)
 
 
 def _check_admin(actor: Actor) -> None:

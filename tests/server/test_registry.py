@@ -60,6 +60,13 @@ def candidate_dir(tiny_model_dir, tmp_path_factory) -> Path:
     shutil.copytree(tiny_model_dir, out)
     card = read_card(out)
     card["version"] = "tiny-candidate"
+    card["cross_validation"] = {  # as `papcad record-cv` writes it (values made up: the page shows them)
+        "k": 5,
+        "held_out_folds": {
+            "accuracy_7class": {"mean": 0.612, "std": 0.031, "folds": []},
+            "binary_roc_auc": {"mean": 0.9512, "std": 0.0123, "folds": []},
+        },
+    }
     write_card(out, card)
     return out
 
@@ -121,6 +128,7 @@ def test_shadow_promote_and_rollback_without_restart(live_server, candidate_dir,
     with closing(admin):
         page = admin.get("/admin")
         assert 'data-model-version="tiny-candidate" data-status="candidate"' in page.text
+        assert "cross-validation, 5 folds: 7-class 61.2 % ± 3.1 %, ROC AUC 0.951 ± 0.012" in page.text
         unknown = admin.post("/admin/models/promote", data={"csrf": admin_csrf, "version": "no-such-model"})
         assert unknown.status_code == 422 and "not registered" in unknown.text
         promoted = admin.post("/admin/models/promote", data={"csrf": admin_csrf, "version": "tiny-candidate"})
