@@ -22,12 +22,11 @@ import numpy as np
 from common import HERLEV_DIR, REPO_ROOT, machine_info, repo_relative, write_json
 
 from app.ml.artifact import WEIGHTS_FILE, read_card, sha256_file
-from app.ml.classes import CLASS_NAMES
+from app.ml.classifier import keras_network
 from app.ml.cross_validation import headline
 from app.ml.data import discover, fixed_split, load_arrays
 from app.ml.evaluation import compute_metrics
 from app.ml.inference import Predictor
-from app.ml.model import build_model, load_weights
 from app.ml.preprocessing import InputSpec
 
 TTAS = ("none", "flips4", "dihedral8")
@@ -46,18 +45,6 @@ def fold_weights(cv_dir: Path) -> list[Path]:
     if not paths:
         sys.exit(f"error: no scored folds in {cv_dir} (run papcad train --cv first)")
     return paths
-
-
-def network(card: dict, weights: Path):
-    """The card's architecture in float32 with these weights."""
-    model = build_model(
-        card["input"]["size"],
-        num_classes=len(CLASS_NAMES),
-        dropout=card["recipe"]["dropout"],
-        normalization=card["input"]["normalization"],
-    )
-    load_weights(model, weights)
-    return model
 
 
 def seconds_per_cell(predictors: list[Predictor], pixels: np.ndarray) -> float:
@@ -86,8 +73,8 @@ def main() -> None:
     split = fixed_split(dataset, card["data"]["split"]["seed"], val_folds=card["data"]["split"]["val_folds"])
     x, y = load_arrays(dataset.subset(split.test), InputSpec.from_dict(card["input"]), progress=False)
     folds = fold_weights(args.cv)
-    single = network(card, args.model / WEIGHTS_FILE)
-    members = [network(card, path) for path in folds]
+    single = keras_network(card, args.model / WEIGHTS_FILE)
+    members = [keras_network(card, path) for path in folds]
     result = {
         "machine": machine_info(),
         "single_model": repo_relative(args.model),

@@ -25,6 +25,8 @@ from app.ml.routing import DomainGate
 from app.ml.runtime import Precision, release_free_memory, resolve_precision
 
 if TYPE_CHECKING:
+    import keras
+
     from app.ml.inference import Predictor
     from app.ml.lite import LitePredictor
 
@@ -114,7 +116,7 @@ class Classifier:
                     model_dir, card, tta, batch_size, max_images_per_pass
                 )
             else:
-                predictor = _keras_predictor(card, spec, weights_path, chosen, tta, batch_size, max_images_per_pass)
+                predictor = _keras_predictor(card, weights_path, chosen, tta, batch_size, max_images_per_pass)
             ood_path = verified_ood_path(model_dir, card) if with_ood else None
             ood = FeatureDistance.load(ood_path) if ood_path else None
             if ood is not None and ood.dims != predictor.feature_dims:
@@ -271,22 +273,14 @@ def _lite_predictor(
     return LitePredictor(path, tta, dims, batch_size=batch_size, max_images=max_images)
 
 
-def _keras_predictor(
-    card: dict[str, Any],
-    spec: InputSpec,
-    weights_path: Path,
-    precision: Precision,
-    tta: Any,
-    batch_size: int,
-    max_images: int | None,
-) -> "Predictor":
-    """The Keras network in float32 or bfloat16 (imports TensorFlow)."""
-    from app.ml.inference import Predictor, build_in_precision
+def keras_network(card: dict[str, Any], weights_path: Path, precision: Precision = "float32") -> "keras.Model":
+    """The card's network with these weights, in float32 or bfloat16 for serving (imports TensorFlow)."""
+    from app.ml.inference import build_in_precision
     from app.ml.model import build_model, load_weights
 
     model = build_in_precision(
         lambda: build_model(
-            spec.size,
+            int(card["input"]["size"]),
             num_classes=len(CLASS_NAMES),
             dropout=card["recipe"]["dropout"],
             normalization=card["input"].get("normalization", "caffe"),
@@ -294,4 +288,19 @@ def _keras_predictor(
         precision,
     )
     load_weights(model, weights_path)
+    return model
+
+
+def _keras_predictor(
+    card: dict[str, Any],
+    weights_path: Path,
+    precision: Precision,
+    tta: Any,
+    batch_size: int,
+    max_images: int | None,
+) -> "Predictor":
+    """The Keras network as a predictor."""
+    from app.ml.inference import Predictor
+
+    model = keras_network(card, weights_path, precision)
     return Predictor(model, tta, batch_size, max_images=max_images, precision=precision)

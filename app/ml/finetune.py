@@ -21,8 +21,8 @@ from tqdm import tqdm
 from app.errors import InputError
 from app.ml.artifact import verified_weights_path
 from app.ml.classes import CLASS_NAMES
+from app.ml.classifier import keras_network
 from app.ml.inference import Predictor
-from app.ml.model import build_model, load_weights
 from app.ml.site_cells import ADAPT_EPOCHS, ADAPT_LEARNING_RATE, ADAPT_MAX_STEPS
 from app.ml.train import augmentation
 
@@ -79,14 +79,7 @@ def _all_layers(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
 
 
 def _network(model_dir: Path, card: dict[str, Any]) -> keras.Model:
-    model = build_model(
-        int(card["input"]["size"]),
-        num_classes=len(CLASS_NAMES),
-        dropout=card["recipe"]["dropout"],
-        normalization=card["input"].get("normalization", "caffe"),
-    )
-    load_weights(model, verified_weights_path(model_dir, card))
-    return model
+    return keras_network(card, verified_weights_path(model_dir, card))
 
 
 STATISTICS_BATCHES = 60  # momentum 0.9: the base statistics keep a weight of 0.9**60, about 0.002
