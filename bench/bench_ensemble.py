@@ -33,18 +33,19 @@ TTAS = ("none", "flips4", "dihedral8")
 TIMING_CELLS = 64
 
 
-def fold_weights(cv_dir: Path) -> list[Path]:
-    """The fold networks `papcad train --cv` kept, each checked against the hash its fold record holds."""
-    paths = []
+def fold_networks(cv_dir: Path) -> list[tuple[Path, np.ndarray]]:
+    """Each fold network `papcad train --cv` kept (checked against its record's hash) and the test-split
+    probabilities the cross-validation recorded for it."""
+    folds = []
     for record_file in sorted(cv_dir.glob("fold_*_of_*.json")):
         record = json.loads(record_file.read_text())
         path = cv_dir / record["weights"]
         if sha256_file(path) != record["weights_sha256"]:
             sys.exit(f"error: {path} does not match the hash in {record_file.name}")
-        paths.append(path)
-    if not paths:
+        folds.append((path, np.asarray(record["test_probabilities"])))
+    if not folds:
         sys.exit(f"error: no scored folds in {cv_dir} (run papcad train --cv first)")
-    return paths
+    return folds
 
 
 def seconds_per_cell(predictors: list[Predictor], pixels: np.ndarray) -> float:
@@ -72,9 +73,9 @@ def main() -> None:
         sys.exit("error: the data differs from the data the model card names")
     split = fixed_split(dataset, card["data"]["split"]["seed"], val_folds=card["data"]["split"]["val_folds"])
     x, y = load_arrays(dataset.subset(split.test), InputSpec.from_dict(card["input"]), progress=False)
-    folds = fold_weights(args.cv)
+    folds = fold_networks(args.cv)
     single = keras_network(card, args.model / WEIGHTS_FILE)
-    members = [keras_network(card, path) for path in folds]
+    members = [keras_network(card, path) for path, _ in folds]
     result = {
         "machine": machine_info(),
         "single_model": repo_relative(args.model),
@@ -87,6 +88,12 @@ def main() -> None:
         one = Predictor(single, tta)
         ensemble = [Predictor(model, tta) for model in members]
         fold_probs = [predict(x) for predict in ensemble]
+        recorded = [probs for _, probs in folds]
+        if tta == card["tta"] and not all(
+            p.shape == r.shape and np.allclose(p, r, atol=1e-3) for p, r in zip(fold_probs, recorded, strict=True)
+        ):
+            sys.exit("error: the fold networks answer otherwise than when the cross-validation scored them: another "
+                     "test split, data or model card")  # fmt: skip
         result["by_tta"][tta] = {
             "single": headline(compute_metrics(y, one(x))),
             "each_fold": [headline(compute_metrics(y, probs)) for probs in fold_probs],

@@ -323,9 +323,11 @@ def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_re
     """The starting model saw other folds' held-out cells, so each fold trains both stages; a rerun keeps the
     folds already scored (a fold file whose recipe differs is redone). Each fold's network is kept and scored on
     the test split, alone and in the ensemble."""
+    from app.ml.classifier import keras_network
     from app.ml.cross_validation import cross_validate
-    from app.ml.data import discover, fixed_split
+    from app.ml.data import discover, fixed_split, load_arrays
     from app.ml.evaluation import compute_metrics
+    from app.ml.inference import Predictor
 
     _, recipe = two_stage_recipe
     dataset = discover(tiny_dataset)
@@ -348,6 +350,11 @@ def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_re
     for record in records:
         assert sha256_file(tmp_path / record["weights"]) == record["weights_sha256"]
         assert record["test_metrics"]["n"] == len(test)
+    # The kept weights are the network that was scored, in float32 as the server runs it.
+    pixels, _ = load_arrays(dataset.subset(test), recipe.input, progress=False)
+    card = {"input": {**recipe.input.to_dict(), "normalization": recipe.normalization}, "recipe": recipe.to_dict()}
+    kept = keras_network(card, tmp_path / records[0]["weights"])
+    assert np.allclose(Predictor(kept, recipe.tta)(pixels), records[0]["test_probabilities"], atol=1e-4)
     mean = np.mean([r["test_probabilities"] for r in records], axis=0)
     assert report["test"]["ensemble"] == compute_metrics(dataset.labels[test], mean)
     assert report["test"]["single_networks"]["accuracy_7class"]["folds"] == [

@@ -124,7 +124,8 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
         print(f"fold {index + 1}/{k}: {len(train_idx)} train, {len(held_idx)} held out", flush=True)
         work = out_dir / f".{name}-stages"
         weights, minutes = fit_stages(x[train_idx], y[train_idx], stages, work, key)
-        predict = Predictor(network(stages[-1].with_overrides(init_from=str(weights.parent))), tta=recipe.tta)
+        scored = stages[-1].with_overrides(init_from=str(weights.parent), mixed_precision=False)  # float32, as served
+        predict = Predictor(network(scored), tta=recipe.tta)
         test_probs = predict(x[split.test])
         record = {
             "key": key,
