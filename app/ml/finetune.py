@@ -78,10 +78,6 @@ def _all_layers(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
         yield from _all_layers(inner)
 
 
-def _network(model_dir: Path, card: dict[str, Any]) -> keras.Model:
-    return keras_network(card, verified_weights_path(model_dir, card))
-
-
 STATISTICS_BATCHES = 60  # momentum 0.9: the base statistics keep a weight of 0.9**60, about 0.002
 STATISTICS_MOMENTUM = 0.9
 
@@ -163,7 +159,8 @@ def fine_tune(
     best-scoring epoch are the ones returned (early stopping on the validation the caller chooses).
     """
     keras.utils.set_random_seed(config.seed)
-    student = _network(base_dir, card)
+    weights = verified_weights_path(base_dir, card)
+    student = keras_network(card, weights)
     mixed = base if base is not None and len(base[0]) > 0 and config.base_share > 0 else None
     if config.statistics_site_share > 0:
         _reestimate_statistics(student, site[0], base[0] if base is not None else None, config)
@@ -178,7 +175,7 @@ def fine_tune(
     augment = augmentation(config.augmentation)
     site_ds = _batches(*site, site_size, config.seed, augment)
     if mixed is not None:
-        teacher = _network(base_dir, card)
+        teacher = keras_network(card, weights)
         teacher.set_weights(student.get_weights())  # the statistics the student trains under; the same weights
         base_ds = _batches(*mixed, base_size, config.seed + 1, augment)
         stream = tf.data.Dataset.zip(site_ds, base_ds)
