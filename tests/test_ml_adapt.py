@@ -16,10 +16,10 @@ from app.ml.adapt import (
     site_arrays,
     split_site,
 )
-from app.ml.artifact import read_card, sha256_file
+from app.ml.artifact import read_card, sha256_file, verified_weights_path
 from app.ml.classes import CLASS_NAMES
-from app.ml.classifier import Classifier
-from app.ml.finetune import _network, _reestimate_statistics, fine_tune
+from app.ml.classifier import Classifier, keras_network
+from app.ml.finetune import _reestimate_statistics, fine_tune
 from app.ml.preprocessing import decode_image, prepare_image
 from app.ml.site_shift import site_png
 
@@ -144,7 +144,7 @@ def test_statistics_are_reestimated_and_nothing_else_moves(site_cells, tiny_mode
     def weights(model) -> list[np.ndarray]:
         return [v.numpy().copy() for v in model.weights]
 
-    network = _network(tiny_model_dir, card)
+    network = keras_network(card, verified_weights_path(tiny_model_dir, card))
     before = weights(network)
     _reestimate_statistics(network, x, base_images, AdaptConfig(batch_size=8))
     after = weights(network)
