@@ -54,7 +54,10 @@ def train(
     ] = None,
     augmentation: Annotated[
         str | None,
-        typer.Option(help="'cell' (flips, turns, mild light), 'robust' (stain, colour, framing, optics), 'published'."),
+        typer.Option(
+            help="'cell' (flips, turns, mild light), 'robust' (stain, colour, framing, optics), "
+            "'robust_windows' (robust, and fixed-size windows of each cell), 'published'."
+        ),
     ] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Override the recipe's peak learning rate.")] = None,
     init_from: Annotated[
@@ -81,8 +84,8 @@ def train(
         fail("--fit must be 'resize' or 'pad'")
     if normalization not in (None, "caffe", "unit"):
         fail("--normalization must be 'caffe' or 'unit'")
-    if augmentation not in (None, "cell", "robust", "published"):
-        fail("--augmentation must be 'cell', 'robust' or 'published'")
+    if augmentation not in (None, "cell", "robust", "robust_windows", "published"):
+        fail("--augmentation must be 'cell', 'robust', 'robust_windows' or 'published'")
     if init_from is not None and not (init_from / "model_card.json").is_file():
         fail(f"--init-from {init_from} is not a model directory (no model_card.json)")
     chosen = RECIPES[recipe]

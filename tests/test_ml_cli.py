@@ -298,9 +298,9 @@ def test_evaluate_refuses_data_the_model_was_not_trained_on(evaluations):
 
 @pytest.fixture(scope="module")
 def two_stage_recipe(tiny_model_dir, tmp_path_factory):
-    """A tiny 'robust' recipe starting from a model whose card records a tiny 'default' recipe."""
+    """A tiny 'robust_windows' recipe starting from a model whose card records a tiny 'default' recipe."""
     from app.ml.preprocessing import InputSpec
-    from app.ml.recipes import DEFAULT, ROBUST
+    from app.ml.recipes import DEFAULT, ROBUST_WINDOWS
 
     tiny = {"epochs": 1, "warmup_epochs": 0, "input": InputSpec(size=32, fit="resize"), "tta": "none"}
     first = DEFAULT.with_overrides(**tiny)
@@ -308,7 +308,7 @@ def two_stage_recipe(tiny_model_dir, tmp_path_factory):
     card = read_card(starting)
     card["recipe"] = first.to_dict()
     (starting / CARD_FILE).write_text(json.dumps(card))
-    return first, ROBUST.with_overrides(**tiny, init_from=str(starting))
+    return first, ROBUST_WINDOWS.with_overrides(**tiny, init_from=str(starting))
 
 
 def test_a_starting_models_recipe_is_read_from_its_card(two_stage_recipe):
@@ -332,9 +332,11 @@ def test_cross_validation_retrains_every_stage_per_fold_and_resumes(two_stage_re
     _, recipe = two_stage_recipe
     dataset = discover(tiny_dataset)
     report = cross_validate(dataset, recipe, 2, tmp_path)
-    printed = capsys.readouterr().out
-    assert printed.count("stage 1/2: recipe default") == 2 and printed.count("stage 2/2: recipe robust") == 2
-    assert [s["name"] for s in report["stages"]] == ["default", "robust"]
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert printed.count("stage 1/2: recipe default") == 2 and printed.count("stage 2/2: recipe robust_windows") == 2
+    assert captured.err.count("cutting windows: 100%") == 2  # each fold cuts windows of its own training cells
+    assert [s["name"] for s in report["stages"]] == ["default", "robust_windows"]
     test = fixed_split(dataset, recipe.seed, val_folds=recipe.val_folds).test
     assert sum(fold["n"] for fold in report["folds"]) == len(dataset.samples) - len(test)
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -20,6 +20,7 @@ SHIFT_NAMES = [
     "none", "stain_hed_weak", "stain_hed_strong", "hue_+0.05", "saturation_x1.5", "saturation_x0.5",
     "brightness_x1.2", "contrast_x0.7", "gamma_1.5", "defocus_blur_r2", "gaussian_noise_sd10", "jpeg_q30",
     "grayscale", "magnification_x0.75", "magnification_x1.5", "central_crop_60", "slide_field_x1.6",
+    "window_100px", "window_160px",
 ]  # fmt: skip
 
 
@@ -114,6 +115,25 @@ def test_framing_shifts_keep_or_change_the_canvas_as_named(cells, shifts):
     outside[fy : fy + h, fx : fx + w] = np.array(border_colour(cell))
     # Parts of other cells lie on the background around it.
     assert (np.abs(outside - np.array(border_colour(cell))).sum(axis=2) > 30).mean() > 0.05
+
+
+def test_fixed_windows_have_one_size_whatever_the_cell(cells, shifts):
+    """A large cell is cut to its centre; a small one keeps its true scale on a field with parts of other cells."""
+    large = max(cells, key=lambda c: min(c.size))
+    small = min(cells, key=lambda c: max(c.size))
+    assert min(large.size) > 160 and max(small.size) < 100  # Herlev's superficial and carcinoma cells
+    for name, side in (("window_100px", 100), ("window_160px", 160)):
+        cut = shifts[name](large)
+        assert cut.size == (side, side)
+        left, top = (large.width - side) // 2, (large.height - side) // 2
+        assert np.array_equal(px(cut), px(large)[top : top + side, left : left + side])
+        placed = shifts[name](small)
+        assert placed.size == (side, side)
+        x, y = (side - small.width) // 2, (side - small.height) // 2
+        assert np.array_equal(px(placed)[y : y + small.height, x : x + small.width], px(small))
+        outside = px(placed).copy()
+        outside[y : y + small.height, x : x + small.width] = np.array(border_colour(small))
+        assert (np.abs(outside - np.array(border_colour(small))).sum(axis=2) > 30).mean() > 0.05
 
 
 @pytest.fixture(scope="module")

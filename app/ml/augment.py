@@ -4,7 +4,8 @@ The "robust" augmentation draws from the same families as the robustness suite (
 but continuously and wider, so the model learns the family rather than the suite's list:
 
 - framing: the cell at a random display scale (a tighter window, or a wider field of slide background
-  with parts of another cell at the edges), turned, flipped and moved a little;
+  with parts of another cell at the edges), turned, flipped and moved a little; with "robust_windows",
+  also fixed-size windows centred on the cell, cut from the original image (`app.ml.windows`);
 - stain: HED (haematoxylin-eosin-DAB) channels scaled and shifted (Tellez et al., 2018);
 - colour: saturation (down to grayscale), hue, brightness, contrast, gamma;
 - optics: defocus blur and pixel noise.
@@ -146,16 +147,25 @@ def optics(images: tf.Tensor) -> tf.Tensor:
     return _blend(x + noise, x, _chance(n, 0.3))
 
 
-def robust(images: tf.Tensor, share: float = 0.5) -> tf.Tensor:
+def robust(images: tf.Tensor, share: float = 0.5, window_share: float = 0.5) -> tf.Tensor:
     """The "robust" augmentation on a random `share` of the batch: framing, stain, colour and optics.
 
     The rest get only turns, flips and a little zoom, so every batch still shows cells as Herlev crops
     them: a network that only ever sees shifted cells loses accuracy on the plain ones.
+
+    images: (n, size, size, 3), or (n, views, size, size, 3) with view 0 the crop and the others fixed-size
+    windows (`app.ml.windows`). Then `window_share` of the shifted cells are one of their windows, turned and
+    zoomed a little (the window already sets the framing), instead of the crop re-framed.
     """
-    n = tf.shape(images)[0]
     x = tf.cast(images, tf.float32)
-    plain = reframe(x, min_scale=0.9, max_scale=1.1, shift=0.03)
-    shifted = reframe(x)
+    views = x if x.shape.rank == 5 else x[:, None]
+    n, count = tf.shape(views)[0], tf.shape(views)[1]
+    crop = views[:, 0]
+    plain = reframe(crop, min_scale=0.9, max_scale=1.1, shift=0.03)
+    windowed = (tf.random.uniform([n]) < window_share) & (count > 1)
+    pick = tf.where(windowed, tf.random.uniform([n], 1, tf.maximum(count, 2), dtype=tf.int32), 0)
+    window = reframe(tf.gather(views, pick, batch_dims=1), min_scale=0.8, max_scale=1.25, shift=0.03)
+    shifted = _blend(window, reframe(crop), _per_image(tf.cast(windowed, tf.float32)))
     shifted = _blend(hed_jitter(shifted, sigma=0.15, bias=0.03), shifted, _chance(n, 0.7))
     shifted = optics(colour(shifted))
     return tf.clip_by_value(_blend(shifted, plain, _chance(n, share)), 0.0, 255.0)

@@ -21,7 +21,7 @@ from app.ml.evaluation import compute_metrics
 from app.ml.inference import Predictor
 from app.ml.model import save_weights
 from app.ml.recipes import Recipe
-from app.ml.train import fit, network
+from app.ml.train import fit, network, training_pixels
 
 CV_FILE = "cv_metrics.json"
 
@@ -123,7 +123,7 @@ def cross_validate(dataset: Dataset, recipe: Recipe, k: int, out_dir: Path) -> d
             continue
         print(f"fold {index + 1}/{k}: {len(train_idx)} train, {len(held_idx)} held out", flush=True)
         work = out_dir / f".{name}-stages"
-        weights, minutes = fit_stages(x[train_idx], y[train_idx], stages, work, key)
+        weights, minutes = fit_stages(training_pixels(dataset, train_idx, x, stages), y[train_idx], stages, work, key)
         scored = stages[-1].with_overrides(init_from=str(weights.parent), mixed_precision=False)  # float32, as served
         predict = Predictor(network(scored), tta=recipe.tta)
         test_probs = predict(x[split.test])

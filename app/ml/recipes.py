@@ -18,7 +18,7 @@ class Recipe:
     optimizer: Literal["adam", "adamw"]
     learning_rate: float
     schedule: Literal["constant", "cosine"]
-    augmentation: Literal["published", "cell", "robust"]
+    augmentation: Literal["published", "cell", "robust", "robust_windows"]
     dropout: float = 0.5
     normalization: Normalization = "caffe"
     batch_size: int = 32
@@ -102,4 +102,15 @@ ROBUST = replace(
     ],
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (DEFAULT, PUBLISHED, ROBUST)}
+ROBUST_WINDOWS = replace(
+    ROBUST,
+    name="robust_windows",
+    augmentation="robust_windows",
+    notes=[
+        *ROBUST.notes,
+        "Half of the shifted cells are fixed-size windows (64-256 px) centred on the cell, cut from the original "
+        "images (app.ml.windows), as labs that frame every cell the same way send them.",
+    ],
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (DEFAULT, PUBLISHED, ROBUST, ROBUST_WINDOWS)}

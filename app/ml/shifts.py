@@ -126,7 +126,7 @@ def magnification(scale: float) -> Callable[[Image.Image], Image.Image]:
 
 
 def central_crop(fraction: float) -> Callable[[Image.Image], Image.Image]:
-    """A fixed window centred on the cell: a tighter segmentation than Herlev's crops."""
+    """The central `fraction` of the crop: a tighter segmentation than Herlev's crops."""
 
     def apply(image: Image.Image) -> Image.Image:
         w, h = image.size
@@ -137,30 +137,29 @@ def central_crop(fraction: float) -> Callable[[Image.Image], Image.Image]:
     return apply
 
 
-def on_slide_field(
-    pool: Sequence[Image.Image], factor: float = 1.6, pieces: int = 4, seed: int = SEED
-) -> Callable[[Image.Image], Image.Image]:
-    """The cell centred on a field `factor` times larger, of slide background with parts of other cells.
+class Neighbours:
+    """Crops that lend parts of their cells to the field around another cell, as in a wider detector window."""
 
-    pool: other crops of the same split; each piece is a corner of one of them, placed at the field's edge
-    so it is cut off like a neighbouring cell in a wider detector window.
-    """
-    pool = [p.convert("RGB") for p in pool]
-    keys = [zlib.crc32(p.tobytes()) for p in pool]
+    def __init__(self, pool: Sequence[Image.Image]):
+        self.pool = [p.convert("RGB") for p in pool]
+        self.keys = [zlib.crc32(p.tobytes()) for p in self.pool]
 
-    def apply(image: Image.Image) -> Image.Image:
+    def field(self, image: Image.Image, size: tuple[int, int], pieces: int, seed: int) -> Image.Image:
+        """The cell centred on a field of `size`: slide background, with `pieces` parts of other cells at its edges.
+
+        Each piece is a corner of another crop, anchored half outside the field on a random side, so only part
+        of it shows, as a neighbouring cell is cut off at a window's edge.
+        """
         rng = image_rng(image, seed)
-        w, h = image.size
-        fw, fh = round(w * factor), round(h * factor)
+        (w, h), (fw, fh) = image.size, size
         field_image = Image.new("RGB", (fw, fh), border_colour(image))
         own = zlib.crc32(image.tobytes())
-        others = [p for p, key in zip(pool, keys, strict=True) if key != own]
+        others = [p for p, key in zip(self.pool, self.keys, strict=True) if key != own]
         for _ in range(pieces if others else 0):
             other = others[int(rng.integers(0, len(others)))]
             pw, ph = max(1, min(other.width, fw) // 2), max(1, min(other.height, fh) // 2)
             sx, sy = int(rng.integers(0, other.width - pw + 1)), int(rng.integers(0, other.height - ph + 1))
             piece = other.crop((sx, sy, sx + pw, sy + ph))
-            # Anchor the piece half outside the field on a random side, so only part of it shows.
             side = int(rng.integers(0, 4))
             x = int(rng.integers(-pw // 2, fw - pw // 2)) if side < 2 else (-pw // 2 if side == 2 else fw - pw // 2)
             y = int(rng.integers(-ph // 2, fh - ph // 2)) if side >= 2 else (-ph // 2 if side == 0 else fh - ph // 2)
@@ -168,7 +167,42 @@ def on_slide_field(
         field_image.paste(image, ((fw - w) // 2, (fh - h) // 2))
         return field_image
 
+    def window(self, image: Image.Image, size: int, pieces: int, seed: int) -> Image.Image:
+        """A `size` x `size` pixel window centred on the cell: a large cell is cut to its centre, a small one sits
+        at its true scale on slide background with parts of other cells."""
+        w, h = image.size
+        if w < size or h < size:
+            image = self.field(image, (max(w, size), max(h, size)), pieces, seed)
+            w, h = image.size
+        left, top = (w - size) // 2, (h - size) // 2
+        return image.crop((left, top, left + size, top + size))
+
+
+def on_slide_field(
+    pool: Sequence[Image.Image], factor: float = 1.6, pieces: int = 4, seed: int = SEED
+) -> Callable[[Image.Image], Image.Image]:
+    """The cell centred on a field `factor` times larger, of slide background with parts of other cells.
+
+    pool: other crops of the same split, for the neighbouring cells.
+    """
+    neighbours = Neighbours(pool)
+
+    def apply(image: Image.Image) -> Image.Image:
+        size = (round(image.width * factor), round(image.height * factor))
+        return neighbours.field(image, size, pieces, seed)
+
     return apply
+
+
+def fixed_window(
+    pool: Sequence[Image.Image], size: int, pieces: int = 4, seed: int = SEED
+) -> Callable[[Image.Image], Image.Image]:
+    """A window of `size` x `size` pixels centred on the cell, whatever the cell's size, as many labs cut cells.
+
+    Unlike Herlev's tight crops, the window's size says nothing about the cell's. pool: crops of the same split.
+    """
+    neighbours = Neighbours(pool)
+    return lambda image: neighbours.window(image, size, pieces, seed)
 
 
 def identity(image: Image.Image) -> Image.Image:
@@ -200,4 +234,8 @@ def standard_shifts(pool: Sequence[Image.Image], seed: int = SEED) -> list[Shift
         Shift("central_crop_60", central_crop(0.6), {"fraction": 0.6}, "central 60 % window of the crop"),
         Shift("slide_field_x1.6", on_slide_field(pool, 1.6, 4, seed), {"factor": 1.6, "pieces": 4, "seed": seed},
               "cell on a 1.6x field of slide background with parts of other cells of the split"),
+        Shift("window_100px", fixed_window(pool, 100, 4, seed), {"size_px": 100, "pieces": 4, "seed": seed},
+              "a 100 x 100 px window centred on the cell (cut, or on slide background with parts of other cells)"),
+        Shift("window_160px", fixed_window(pool, 160, 4, seed), {"size_px": 160, "pieces": 4, "seed": seed},
+              "a 160 x 160 px window centred on the cell (cut, or on slide background with parts of other cells)"),
     ]  # fmt: skip

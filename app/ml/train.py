@@ -6,7 +6,7 @@ split (by group) -> load pixels -> augment -> fit -> save float16 weights + card
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from app.ml import augment
+from app.ml import augment, windows
 from app.ml.artifact import WEIGHTS_FILE, sha256_file, write_card
 from app.ml.classes import ABNORMAL_CLASSES, BETHESDA_HINT, CLASS_NAMES, NORMAL_CLASSES
 from app.ml.data import Dataset, fixed_split, load_arrays
@@ -49,14 +49,27 @@ def augmentation(kind: str) -> keras.Sequential:
 
 def augmenter(kind: str) -> Callable[[tf.Tensor], tf.Tensor]:
     """The recipe's augmentation as one batch function (pixels RGB 0-255 in, float32 out)."""
-    if kind == "robust":
+    if kind in ("robust", "robust_windows"):
         return augment.robust
     layers = augmentation(kind)
     return lambda images: layers(tf.cast(images, tf.float32), training=True)
 
 
+def training_pixels(dataset: Dataset, indices: np.ndarray, x: np.ndarray, stages: Sequence[Recipe]) -> np.ndarray:
+    """What the recipe's stages train on: the prepared crops `x[indices]`, plus fixed-size windows of each cell
+    when a stage uses the "robust_windows" augmentation (cut from the original images of `indices` only)."""
+    windowed = [stage for stage in stages if stage.augmentation == "robust_windows"]
+    if not windowed:
+        crops: np.ndarray = x[indices]
+        return crops
+    return windows.window_views(dataset, indices, windowed[0].input, windowed[0].seed)
+
+
 def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe) -> tf.data.Dataset:
+    """x: (n, size, size, 3) crops, or (n, views, size, size, 3) from `training_pixels` (view 0: the crop)."""
     augment_batch = augmenter(recipe.augmentation)
+    if x.ndim == 5 and recipe.augmentation != "robust_windows":
+        x = x[:, 0]  # an earlier stage of a cross-validated recipe trains on the crops alone
     onehot = keras.utils.to_categorical(y, len(CLASS_NAMES))
     return (
         tf.data.Dataset.from_tensor_slices((x, onehot))
@@ -176,7 +189,8 @@ def train(dataset: Dataset, recipe: Recipe, out_dir: Path, version: str) -> dict
     x, y = load_arrays(dataset, recipe.input)
     watched = split.val if len(split.val) else split.test
     started = datetime.now(UTC)
-    model, history = fit(x[split.train], y[split.train], recipe, validation=(x[watched], y[watched]))
+    x_train = training_pixels(dataset, split.train, x, [recipe])
+    model, history = fit(x_train, y[split.train], recipe, validation=(x[watched], y[watched]))
     minutes = (datetime.now(UTC) - started).total_seconds() / 60
 
     save_weights(model, out_dir / WEIGHTS_FILE)
