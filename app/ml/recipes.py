@@ -105,11 +105,12 @@ ROBUST = replace(
 ROBUST_WINDOWS = replace(
     ROBUST,
     name="robust_windows",
+    epochs=30,
     augmentation="robust_windows",
     notes=[
-        *ROBUST.notes,
-        "Half of the shifted cells are fixed-size windows (64-256 px) centred on the cell, cut from the original "
-        "images (app.ml.windows), as labs that frame every cell the same way send them.",
+        "Continues from a trained robust model (--init-from) under the robust augmentation, with half of the "
+        "shifted cells fixed-size windows (64-256 px) centred on the cell, cut from the original images "
+        "(app.ml.windows), as labs that frame every cell the same way send them.",
     ],
 )
 
