@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # A checkout, an editable install and the test suite keep migrations/ and model_store/ beside the package; a
 # non-editable install (the Docker image) does not, and names their folder in PAPCAD_RESOURCE_DIR instead.
 BESIDE_PACKAGE = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL = Path("model_store") / "resnet50-herlev-r128-v4"
+BUNDLED_MODEL = Path("model_store") / "resnet50-herlev-r128-v3"
 DEFAULT_MODEL_DIR = BESIDE_PACKAGE / BUNDLED_MODEL
 
 
