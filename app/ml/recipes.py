@@ -52,6 +52,11 @@ class Recipe:
         values.update(input=InputSpec.from_dict(data["input"]), backbone=BackboneWeights(source=backbone["source"]))
         return cls(**values)
 
+    @property
+    def cuts_windows(self) -> bool:
+        """Whether training also shows fixed-size windows of each cell (`app.ml.windows`), not only its crop."""
+        return self.augmentation == "robust_windows"
+
     def with_overrides(self, **changes: Any) -> "Recipe":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 

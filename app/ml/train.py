@@ -58,7 +58,7 @@ def augmenter(kind: str) -> Callable[[tf.Tensor], tf.Tensor]:
 def training_pixels(dataset: Dataset, indices: np.ndarray, x: np.ndarray, stages: Sequence[Recipe]) -> np.ndarray:
     """What the recipe's stages train on: the prepared crops `x[indices]`, plus fixed-size windows of each cell
     when a stage uses the "robust_windows" augmentation (cut from the original images of `indices` only)."""
-    windowed = [stage for stage in stages if stage.augmentation == "robust_windows"]
+    windowed = [stage for stage in stages if stage.cuts_windows]
     if not windowed:
         crops: np.ndarray = x[indices]
         return crops
@@ -68,7 +68,7 @@ def training_pixels(dataset: Dataset, indices: np.ndarray, x: np.ndarray, stages
 def training_dataset(x: np.ndarray, y: np.ndarray, recipe: Recipe) -> tf.data.Dataset:
     """x: (n, size, size, 3) crops, or (n, views, size, size, 3) from `training_pixels` (view 0: the crop)."""
     augment_batch = augmenter(recipe.augmentation)
-    if x.ndim == 5 and recipe.augmentation != "robust_windows":
+    if x.ndim == 5 and not recipe.cuts_windows:
         x = x[:, 0]  # an earlier stage of a cross-validated recipe trains on the crops alone
     onehot = keras.utils.to_categorical(y, len(CLASS_NAMES))
     return (
