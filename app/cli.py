@@ -131,13 +131,21 @@ def train(
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model directory (with model_card.json).")],
     data: DataOption,
+    cutoff_under_shifts: Annotated[
+        bool | None,
+        typer.Option(
+            "--cutoff-under-shifts/--cutoff-unshifted",
+            help="Choose the abnormal cut-off on the validation cells pooled with the same cells under every shift "
+            "of the robustness suite, or on them as they are. Default: the basis the card records.",
+        ),
+    ] = None,
 ) -> None:
     """Re-score a model on its held-out test split; rewrites metrics, plots and the card's numbers."""
     from app.ml.data import discover
     from app.ml.evaluate import evaluate_model_dir
 
     try:
-        card = evaluate_model_dir(model, discover(data))
+        card = evaluate_model_dir(model, discover(data), cutoff_under_shifts)
     except PapcadError as exc:
         fail(str(exc))
     typer.echo(json.dumps(card["metrics"], indent=2))

@@ -41,6 +41,30 @@ def test_threshold_is_the_highest_that_keeps_sensitivity():
     assert sens == pytest.approx(2 / 3) and spec == 1.0
 
 
+def test_a_cutoff_under_shifts_keeps_sensitivity_over_the_shifted_cells_too():
+    from app.ml.evaluate import TARGET_SENSITIVITY, pooled_cutoff
+
+    # 20 abnormal and 20 normal cells; unshifted, every abnormal cell is over 0.6. Under one shift the abnormal
+    # cells fall to 0.1..0.48, under the other they stay: the pooled cut-off must come down to keep 95 %.
+    abnormal = np.arange(40) < 20
+    plain = np.where(abnormal, np.linspace(0.6, 0.99, 40), np.linspace(0.0, 0.3, 40))
+    faded = np.where(abnormal, np.linspace(0.1, 0.48, 40), plain)
+    shifted = np.stack([faded, plain])
+    plain_cut = cal.choose_abnormal_threshold(plain, abnormal, TARGET_SENSITIVITY)
+    cut, report = pooled_cutoff(plain, shifted, abnormal)
+
+    pooled_p, pooled_abnormal = np.concatenate([plain, *shifted]), np.tile(abnormal, 3)
+    assert cal.sensitivity_specificity(pooled_p, pooled_abnormal, cut)[0] >= TARGET_SENSITIVITY
+    higher = np.nextafter(cut, 1.0)  # the highest such cut-off: any higher one misses too many
+    assert cal.sensitivity_specificity(pooled_p, pooled_abnormal, higher)[0] < TARGET_SENSITIVITY
+    assert cut < plain_cut
+    assert report["shifts"] == 2
+    assert report["lowest_shift_sensitivity"] == cal.sensitivity_specificity(faded, abnormal, cut)[0] < 1.0
+    assert report["shifted_sensitivity"] == pytest.approx(
+        cal.sensitivity_specificity(shifted.ravel(), np.tile(abnormal, 2), cut)[0]
+    )
+
+
 def test_temperature_scaling_improves_an_overconfident_model(tmp_path):
     rng = np.random.default_rng(7)
     logits = rng.normal(size=(2000, 7)) * 3

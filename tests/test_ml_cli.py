@@ -124,8 +124,14 @@ def _train_then_evaluate(i: dict[str, Path], tiny_train: list) -> dict[str, subp
     other_data = shutil.copytree(i["tiny_dataset"], i["root"] / "evaluate" / "herlev")
     next((other_data / "light_dysplastic").iterdir()).unlink()
     model_copy = shutil.copytree(out, i["root"] / "evaluate" / "m")
+    shifted = shutil.copytree(out, i["root"] / "evaluate" / "shifted")
     results["evaluate_same_data"] = papcad("evaluate", "--model", out, "--data", i["tiny_dataset"])
     results["evaluate_other_data"] = papcad("evaluate", "--model", model_copy, "--data", other_data)
+    results["evaluate_under_shifts"] = papcad(
+        "evaluate", "--model", shifted, "--data", i["tiny_dataset"], "--cutoff-under-shifts"
+    )
+    shutil.copy(shifted / CARD_FILE, i["root"] / "card_under_shifts.json")
+    results["evaluate_again"] = papcad("evaluate", "--model", shifted, "--data", i["tiny_dataset"])
     return results
 
 
@@ -267,6 +273,28 @@ def test_evaluate_reproduces_the_training_metrics(trained, evaluations):
             assert printed[key] == value, key
     assert read_card(out)["metrics"] == printed
     assert read_card(out)["weights_sha256"] == card["weights_sha256"]
+
+
+def test_evaluate_can_choose_the_cutoff_on_shifted_validation_cells_and_keeps_that_basis(runs, cli_inputs):
+    from app.ml.evaluate import SHIFTED_BASIS, TARGET_SENSITIVITY
+    from app.ml.shifts import standard_shifts
+
+    for name in ("evaluate_under_shifts", "evaluate_again"):
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    cutoff = json.loads((cli_inputs["root"] / "card_under_shifts.json").read_text())["abnormal_threshold"]
+    assert cutoff["chosen_on"] == SHIFTED_BASIS
+    shifted = cutoff["validation_under_shifts"]
+    assert shifted["shifts"] == len(standard_shifts([])) - 1  # every shift of the suite but "none"
+    assert 0.0 <= shifted["lowest_shift_sensitivity"] <= shifted["shifted_sensitivity"] <= 1.0
+    # Each condition holds the same validation cells, so the pooled sensitivity is the mean over conditions.
+    pooled = (cutoff["validation_sensitivity"] + shifted["shifts"] * shifted["shifted_sensitivity"]) / (
+        shifted["shifts"] + 1
+    )
+    assert pooled >= TARGET_SENSITIVITY - 1e-9
+    # A later evaluate without the option chooses on the same basis, so it gives the same cut-off.
+    again = read_card(cli_inputs["root"] / "evaluate" / "shifted")["abnormal_threshold"]
+    assert again["chosen_on"] == SHIFTED_BASIS
+    assert again["value"] == pytest.approx(cutoff["value"])
 
 
 def test_grouped_cross_validation_runs_every_fold(runs, cli_inputs):

@@ -7,6 +7,7 @@ pass (with test-time augmentation) as serving.
 """
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from app.ml.classifier import Classifier  # noqa: E402
 from app.ml.data import Dataset, fixed_split  # noqa: E402
 from app.ml.evaluation import ABNORMAL_MASK  # noqa: E402
 from app.ml.ood_fit import check_dataset  # noqa: E402
-from app.ml.preprocessing import decode_image, prepare_image  # noqa: E402
+from app.ml.preprocessing import InputSpec, decode_image, prepare_image  # noqa: E402
 from app.ml.shifts import Shift, standard_shifts  # noqa: E402
 
 SPLITS = ("test", "validation")
@@ -48,13 +49,20 @@ def shift_metrics(
     }
 
 
+def shifted_pixels(
+    images: list[Image.Image], shifts: list[Shift], spec: InputSpec
+) -> Iterator[tuple[Shift, np.ndarray]]:
+    """Each shift with the images under it, prepared for the network exactly as serving prepares an upload."""
+    for shift in tqdm(shifts, desc="shifts", unit="shift"):
+        yield shift, np.stack([prepare_image(shift(image), spec) for image in images])
+
+
 def run_shifts(
     classifier: Classifier, images: list[Image.Image], labels: np.ndarray, shifts: list[Shift], threshold: float
 ) -> list[dict[str, Any]]:
     """One row per shift (the first must be "none"), with deltas against it."""
     rows = []
-    for shift in tqdm(shifts, desc="shifts", unit="shift"):
-        pixels = np.stack([prepare_image(shift(image), classifier.spec) for image in images])
+    for shift, pixels in shifted_pixels(images, shifts, classifier.spec):
         probs, features = classifier.predict_pixels_with_features(pixels)
         probs = classifier.routed(pixels, probs, features)  # as served (an adapted model's general cells routed)
         scores = classifier.ood.scores(features) if classifier.ood is not None else None
