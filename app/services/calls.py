@@ -9,8 +9,8 @@ A cell needs review when any of these holds (each gives a short reason):
 The same rule exists as a SQL expression for the review queue's filter.
 
 How unsure a call is (`uncertainty`, the queue's "most uncertain first") is measured from the same cut-off:
-1 at the cut-off, falling linearly to 0 at P(abnormal) 0 or 1 on its side, so with a cut-off of 0.82 a cell
-at 0.80 is far less sure than one at 0.5. The queue sorts by the same arithmetic in SQL.
+1 at the cut-off, falling linearly to 0 at P(abnormal) 0 or 1 on its side, so with a cut-off of 0.74 a cell
+at 0.72 is far less sure than one at 0.5. The queue sorts by the same arithmetic in SQL.
 
 Every prediction is read at the cut-off of the model version that made it (each version's card chose its own
 on its own validation cells), so a promotion or a rollback changes the calls of new cells only; a cut-off the
