@@ -213,7 +213,9 @@ def export(
 ) -> None:
     """Write the model's int8 network for LiteRT (serving without TensorFlow), check it against the Keras
     network on the card's test split, and record both in the card's "serving" section; `auto` precision
-    serves int8 only if it loses at most 0.5 points of 7-class accuracy and of sensitivity at the cut-off."""
+    serves int8 only if it loses at most 0.5 points of 7-class accuracy and of sensitivity at the cut-off.
+    Where it loses more, the network with float16 weights is written and checked too, and `auto` serves that
+    when it passes."""
     from app.ml.data import discover
     from app.ml.export import export_model_dir
 

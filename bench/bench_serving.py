@@ -1,16 +1,17 @@
 """Lean serving, measured in one run against the bare Keras forward pass.
 
   memory      fresh interpreters: RSS after import, after loading, peak after a batch of 32 cells, for the
-              bare Keras network (no TTA), the serving path in float32, bfloat16 and int8 (LiteRT), the float32
+              bare Keras network (no TTA), the serving path in float32, bfloat16, int8 (LiteRT) and, for a
+              model whose int8 network failed its check, float16 weights (LiteRT), the float32
               serving path with the views unchunked (every view of the batch through the network at once), and
               a whole server (create_app() started by a TestClient, SQLite) with PAPCAD_INFERENCE_PRECISION
-              auto (int8 for an exported model) and float32: RSS once /readyz answers, peak after its classifier
-              classifies a batch of 32; and whether TensorFlow was imported
+              auto (the card's LiteRT network for an exported model) and float32: RSS once /readyz answers,
+              peak after its classifier classifies a batch of 32; and whether TensorFlow was imported
   throughput  images/s of the compiled Keras network in float32 and bfloat16 (bare, no TTA, batch of 32) and of
-              the serving predictor in float32, bfloat16 and int8 with each TTA setting, in alternating rounds
+              the serving predictor in each precision with each TTA setting, in alternating rounds
               (best round kept), so load from other processes touches every contender alike
   accuracy    7-class accuracy, ROC AUC and sensitivity at the card's cut-off on the model's grouped test split,
-              float32 vs bfloat16 vs int8, card's TTA; calls changed against float32
+              float32 vs bfloat16 vs int8 (vs float16), card's TTA; calls changed against float32
   heatmap     peak memory of one heatmap PNG (classifier.heatmap: Grad-CAM in float32, the class map in int8)
               for a 5000 x 5000 upload, against a 500 x 500 one
 
@@ -35,7 +36,8 @@ DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "serving.json"
 BATCH = 32
 ROUND_SECONDS = 6.0
 ROUNDS = 3
-PRECISIONS = ("float32", "bfloat16", "int8")
+PRECISIONS = ("float32", "bfloat16", "int8", "float16")
+LITE = ("int8", "float16")
 # The issue's bars: loaded RSS and peak after a batch of 32 (MiB); reduced precision: speed-up at accuracy lost.
 MAX_LOADED_MIB, MAX_PEAK_MIB = 600, 900
 MIN_SPEEDUP, MAX_POINTS_LOST = 1.8, 0.5
@@ -193,12 +195,20 @@ def child(script: str, args: list[str], extra_env: dict[str, str] | None = None)
     return json.loads(line.removeprefix("RESULT "))
 
 
+def precisions(card: dict) -> list[str]:
+    """The precisions this model can serve: the Keras ones and the LiteRT files its card names."""
+    serving = card.get("serving") or {}
+    return [p for p in PRECISIONS if p not in LITE or serving.get(p)]
+
+
 def memory(model_dir: Path, files: list[Path]) -> dict:
     names = [str(path) for path in files]
     views = 8
     per_pass = DEFAULT_MAX_IMAGES_PER_PASS
     configs = {"bare_keras_float32_no_tta": "bare"}
-    configs |= {f"serving_{p} ({per_pass} images per pass)": f"{p}:{per_pass}" for p in PRECISIONS}
+    configs |= {
+        f"serving_{p} ({per_pass} images per pass)": f"{p}:{per_pass}" for p in precisions(read_card(model_dir))
+    }
     configs[f"serving_float32_unchunked ({BATCH * views} images per pass)"] = f"float32:{BATCH * views}"
     return {name: child(MEMORY_CHILD, [mode, str(model_dir), *names]) for name, mode in configs.items()}
 
@@ -254,9 +264,13 @@ def throughput(model_dir: Path, pixels) -> dict:
         for tta in VIEW_INDICES:
             contenders[f"serving_{precision}_{tta}"] = Predictor(model, tta, precision=precision)
     card = read_card(model_dir)
-    int8 = card["serving"]["int8"]
-    for tta in VIEW_INDICES:
-        contenders[f"serving_int8_{tta}"] = LitePredictor(model_dir / int8["file"], tta, tuple(int8["feature_dims"]))
+    lite = [p for p in precisions(card) if p in LITE]
+    for precision in lite:
+        section = card["serving"][precision]
+        for tta in VIEW_INDICES:
+            contenders[f"serving_{precision}_{tta}"] = LitePredictor(
+                model_dir / section["file"], tta, tuple(section["feature_dims"]), precision=precision
+            )
     for run in contenders.values():
         run(pixels)
     rounds: dict[str, list[float]] = {name: [] for name in contenders}
@@ -272,8 +286,11 @@ def throughput(model_dir: Path, pixels) -> dict:
         "bf16_over_float32_serving": {
             tta: best[f"serving_bfloat16_{tta}"] / best[f"serving_float32_{tta}"] for tta in VIEW_INDICES
         },
-        "int8_over_float32_serving": {
-            tta: best[f"serving_int8_{tta}"] / best[f"serving_float32_{tta}"] for tta in VIEW_INDICES
+        **{
+            f"{precision}_over_float32_serving": {
+                tta: best[f"serving_{precision}_{tta}"] / best[f"serving_float32_{tta}"] for tta in VIEW_INDICES
+            }
+            for precision in lite
         },
         "int8_none_over_bare_keras_float32": best["serving_int8_none"] / best["bare_keras_float32_no_tta"],
         "serving_over_bare_float32_none": best["serving_float32_none"] / best["bare_keras_float32_no_tta"],
@@ -281,13 +298,14 @@ def throughput(model_dir: Path, pixels) -> dict:
             precision: {
                 tta: best[f"serving_{precision}_none"] / best[f"serving_{precision}_{tta}"] for tta in VIEW_INDICES
             }
-            for precision in PRECISIONS
+            for precision in precisions(card)
         },
     }
 
 
 def accuracy(model_dir: Path) -> dict:
-    """float32 vs bfloat16 vs int8 on the grouped test split, with the card's TTA, calibration and cut-off."""
+    """float32 vs bfloat16 vs int8 (vs float16) on the grouped test split, with the card's TTA, calibration and
+    cut-off."""
     import numpy as np
 
     from app.ml.classifier import Classifier
@@ -304,7 +322,7 @@ def accuracy(model_dir: Path) -> dict:
     result: dict = {"n": int(len(y)), "tta": card["tta"], "abnormal_cutoff": cut}
     result["fingerprint_matches"] = dataset.fingerprint() == card["data"]["fingerprint_sha256"]
     probs, p_abn = {}, {}
-    for precision in PRECISIONS:
+    for precision in precisions(card):
         classifier = reference if precision == "float32" else Classifier.load(model_dir, precision=precision)
         started = time.perf_counter()
         probs[precision] = classifier.predict_pixels(x)
@@ -317,7 +335,7 @@ def accuracy(model_dir: Path) -> dict:
             "cutoff_sensitivity": float(np.mean(p_abn[precision][abnormal] >= cut)),
             "seconds_per_cell": seconds,
         }
-    for precision in ("bfloat16", "int8"):
+    for precision in precisions(card)[1:]:
         ours, base = result[precision], result["float32"]
         result[f"{precision}_vs_float32"] = {
             "accuracy_points_lost": 100 * (base["accuracy_7class"] - ours["accuracy_7class"]),
@@ -384,7 +402,12 @@ def table(result: dict) -> str:
     lines += ["", "throughput (images/s, batch of 32, best of rounds)"]
     lines += [f"  {name:40}{value:8.1f}" for name, value in thr["images_per_s"].items()]
     lines += [
-        "  int8 / float32, serving: " + ", ".join(f"{k} {v:.2f}x" for k, v in thr["int8_over_float32_serving"].items()),
+        f"  {precision} / float32, serving: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in thr[f"{precision}_over_float32_serving"].items())
+        for precision in LITE
+        if f"{precision}_over_float32_serving" in thr
+    ]
+    lines += [
         "  bf16 / float32, serving: "
         + ", ".join(f"{k} {v:.2f}x" for k, v in thr["bf16_over_float32_serving"].items())
         + f"; bare {thr['bf16_over_float32_bare']:.2f}x",
@@ -399,7 +422,7 @@ def table(result: dict) -> str:
         "",
         f"accuracy on the grouped test split (n={acc['n']}, TTA {acc['tta']}, cut-off {acc['abnormal_cutoff']:.3f})",
     ]
-    for precision in PRECISIONS:
+    for precision in [p for p in PRECISIONS if p in acc]:
         row = acc[precision]
         line = (
             f"  {precision:9} accuracy {row['accuracy_7class']:.4f}  AUC {row['roc_auc']:.4f}  sensitivity "

@@ -1,4 +1,5 @@
-"""The int8 network on LiteRT: export, its check, loading it, and a server that runs without TensorFlow."""
+"""The LiteRT networks (int8, and float16 where int8 fails its check): export, checks, loading them, and a server
+that runs without TensorFlow."""
 
 import json
 import os
@@ -12,10 +13,11 @@ import pytest
 
 from app.config import DEFAULT_MODEL_DIR
 from app.errors import ModelIntegrityError
+from app.ml import export
 from app.ml.artifact import read_card, sha256_file, write_card
 from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier
-from app.ml.export import INT8_FILE, export_int8
+from app.ml.export import INT8_FILE, LITE_FILES, export_lite
 from app.ml.inference import GradCam
 from app.ml.lite import LitePredictor
 from app.ml.preprocessing import prepare_batch
@@ -37,7 +39,7 @@ def exported(tiny_model_dir, herlev_dir, tmp_path_factory) -> tuple[Path, dict, 
     paths = [p for name in CLASS_NAMES for p in sorted((herlev_dir / name).glob("*.BMP"))[:3]]
     pixels = prepare_batch([p.read_bytes() for p in paths], Classifier.load(model_dir, precision="float32").spec)
     labels = np.repeat(np.arange(len(CLASS_NAMES)), 3)
-    section = export_int8(model_dir, pixels, labels, "three cells per class")
+    section = export_lite(model_dir, pixels, labels, "three cells per class")
     return model_dir, section, pixels, labels
 
 
@@ -53,8 +55,51 @@ def test_export_records_a_verified_file_made_from_these_weights_and_its_check(ex
     assert check["n"] == len(labels) and 0 <= check["calls_changed"] <= len(labels)
     for name in ("float32", "int8"):
         assert 0 <= check[name]["accuracy_7class"] <= 1 and check[name]["seconds_per_cell"] > 0
-    assert section["auto"] == ("int8" if check["passed"] else "float32")
     assert check["passed"] == (check["points_lost_7class"] <= 0.5 and check["points_lost_sensitivity"] <= 0.5)
+    if check["passed"]:
+        assert section["auto"] == "int8" and "float16" not in section
+    else:  # the float16 network was written and checked instead
+        assert section["auto"] == ("float16" if section["float16_check"]["passed"] else "float32")
+
+
+def _int8_check_forced(monkeypatch, passed: bool) -> None:
+    """Run the real conversions and checks, but record int8's as passed or failed (a tiny model's int8 network
+    may pass or fail on its own)."""
+    real = export._convert_and_check
+
+    def convert_and_check(keras_model, card, precision, cells):
+        entry, check = real(keras_model, card, precision, cells)
+        return entry, (check | {"passed": passed} if precision == "int8" else check)
+
+    monkeypatch.setattr(export, "_convert_and_check", convert_and_check)
+
+
+@pytest.mark.slow  # converts a network to LiteRT, twice
+def test_where_int8_fails_its_check_float16_weights_are_written_checked_and_served(
+    exported, tiny, tmp_path, monkeypatch
+):
+    model_dir, _, pixels, labels = exported
+    model_dir = shutil.copytree(model_dir, tmp_path / "m")
+    _int8_check_forced(monkeypatch, passed=False)
+    section = export_lite(model_dir, pixels, labels, "three cells per class")
+    float16, check = section["float16"], section["float16_check"]
+    assert float16["file"] == LITE_FILES["float16"] and float16["sha256"] == sha256_file(model_dir / float16["file"])
+    assert float16["weights_sha256"] == read_card(model_dir)["weights_sha256"]
+    # float16 weights keep the float32 network's answers: nothing is lost, no call changes.
+    assert check["passed"] and check["calls_changed"] == 0 and check["typical_verdicts_changed"] == 0
+    assert abs(check["points_lost_7class"]) <= 0.5 and check["speed_float16_over_float32"] > 0
+    assert section["auto"] == "float16" and read_card(model_dir)["serving"] == section
+
+    served = Classifier.load(model_dir, precision="auto")
+    assert isinstance(served.predictor, LitePredictor) and served.predictor.precision == "float16"
+    reference = tiny.predict_pixels(pixels)
+    np.testing.assert_allclose(served.predict_pixels(pixels), reference, atol=2e-3)
+    assert Classifier.load(model_dir, precision="int8").predictor.precision == "int8"  # asked for: still there
+
+    _int8_check_forced(monkeypatch, passed=True)  # a later export whose int8 passes drops the float16 file
+    section = export_lite(model_dir, pixels, labels, "three cells per class")
+    assert section["auto"] == "int8" and "float16" not in section
+    assert not (model_dir / LITE_FILES["float16"]).exists()
 
 
 @pytest.mark.slow  # converts a network to LiteRT
@@ -114,20 +159,31 @@ def test_auto_follows_the_card_and_int8_needs_the_file(monkeypatch):
     monkeypatch.setattr("app.ml.runtime.AUTO_BF16", False)
     with_int8 = {"serving": {"int8": {"file": INT8_FILE}, "auto": "int8"}}
     failed_check = {"serving": {"int8": {"file": INT8_FILE}, "auto": "float32"}}
+    with_float16 = {"serving": {"int8": {"file": INT8_FILE}, "float16": {"file": "f.tflite"}, "auto": "float16"}}
     assert resolve_precision("auto", with_int8) == "int8"
     assert resolve_precision("auto", failed_check) == "float32"
+    assert resolve_precision("auto", with_float16) == "float16"
     assert resolve_precision("auto", {}) == "float32"
     assert resolve_precision("int8", failed_check) == "int8"  # asked for: runs even if auto would not
     assert resolve_precision("int8", {}) == "float32"  # an older model without the file still serves
+    assert resolve_precision("float16", with_int8) == "float32"
     assert resolve_precision("float32", with_int8) == "float32"
+    assert resolve_precision("float32", with_float16) == "float32"
 
 
 @pytest.mark.slow  # a server start-up in a fresh interpreter
-def test_the_bundled_model_serves_int8_without_tensorflow(tmp_path, herlev_one_per_class):
-    """Its int8 network is bundled and checked; "auto" serves it only if it passed that check, "int8" always."""
-    card = read_card(DEFAULT_MODEL_DIR)
-    assert (DEFAULT_MODEL_DIR / card["serving"]["int8"]["file"]).is_file()
-    assert card["serving"]["auto"] == ("int8" if card["serving"]["check"]["passed"] else "float32")
+@pytest.mark.parametrize("setting", ["auto", "int8"])
+def test_the_bundled_model_serves_on_litert_without_tensorflow(setting, tmp_path, herlev_one_per_class):
+    """Its LiteRT networks are bundled and checked; "auto" serves int8 if it passed its check, else float16 if that
+    passed (the bundled model must be one of the two: the server's memory bar needs TensorFlow out), and "int8"
+    always serves int8."""
+    serving = read_card(DEFAULT_MODEL_DIR)["serving"]
+    assert (DEFAULT_MODEL_DIR / serving["int8"]["file"]).is_file()
+    expected_auto = "int8" if serving["check"]["passed"] else "float16"
+    assert serving["auto"] == expected_auto
+    if expected_auto == "float16":
+        assert serving["float16_check"]["passed"] and (DEFAULT_MODEL_DIR / serving["float16"]["file"]).is_file()
+    expected = expected_auto if setting == "auto" else setting
     script = r"""
 import json, sys
 from pathlib import Path
@@ -151,10 +207,10 @@ print("RESULT " + json.dumps({"ready": ready, "call": prediction.predicted_class
         capture_output=True,
         text=True,
         check=False,
-        env=os.environ | {"PAPCAD_INFERENCE_PRECISION": "int8"},
+        env=os.environ | {"PAPCAD_INFERENCE_PRECISION": setting},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     answer = json.loads(next(x for x in result.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
-    assert answer["ready"]["status"] == "ready" and answer["ready"]["inference_precision"] == "int8"
+    assert answer["ready"]["status"] == "ready" and answer["ready"]["inference_precision"] == expected
     assert answer["call"] in CLASS_NAMES
     assert answer["tensorflow"] is False and answer["keras"] is False

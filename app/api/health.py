@@ -45,6 +45,6 @@ async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
         "database": context.engine.dialect.name,
         "model_version": classifier.version,
         "typical_cell_check": classifier.ood is not None,
-        "inference_precision": classifier.predictor.precision,  # int8 (LiteRT), float32 or bfloat16 (Keras)
+        "inference_precision": classifier.predictor.precision,  # int8 or float16 (LiteRT), float32 or bfloat16 (Keras)
         "tta": classifier.predictor.tta,  # the model card's test-time views
     }

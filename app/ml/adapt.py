@@ -47,7 +47,7 @@ from app.ml.classes import CLASS_NAMES
 from app.ml.classifier import Classifier, Routing
 from app.ml.data import Dataset, discover, fixed_split, load_arrays
 from app.ml.evaluation import ABNORMAL_MASK, compute_metrics, write_report
-from app.ml.export import export_int8, score
+from app.ml.export import export_lite, score
 from app.ml.finetune import AdaptConfig as AdaptConfig  # adapt()'s recipe argument
 from app.ml.finetune import fine_tune, validation_judge
 from app.ml.input_checks import as_sent, input_flags
@@ -338,7 +338,7 @@ def adapt(
         write_card(work, card)
         del adapted
         with _timed(minutes, "int8_export"):
-            card["serving"] = export_int8(work, x_test, y_test, "held-out site accessions", site_after)
+            card["serving"] = export_lite(work, x_test, y_test, "held-out site accessions", site_after)
             Classifier.load(work)  # as a server will load it: weights, typical-cell model and int8 network checked
         card["adaptation"]["minutes"] = round((time.monotonic() - started) / 60, 1)
         card["adaptation"]["minutes_by_phase"] = {name: round(value, 2) for name, value in minutes.items()}

@@ -6,6 +6,7 @@
         metrics.json       the evaluation command's full output
         ood.npz            optional: the out-of-distribution model (card section "ood", with its SHA-256)
         serving_int8.tflite optional: the network with int8 weights for LiteRT (card section "serving")
+        serving_float16.tflite optional: the same with float16 weights, where int8 failed its check
         robustness.json    optional: metrics under image shifts (card section "robustness")
         gate.npz, general/ an adapted model's routing (card section "routing", `app.ml.routing`)
         *.png              curves, confusion matrices, ROC

@@ -22,7 +22,7 @@ from app.ml.input_checks import as_sent, input_flags
 from app.ml.ood import FeatureDistance
 from app.ml.preprocessing import InputSpec, decode_image, prepare_image
 from app.ml.routing import DomainGate
-from app.ml.runtime import Precision, release_free_memory, resolve_precision
+from app.ml.runtime import LITE_PRECISIONS, Precision, release_free_memory, resolve_precision
 
 if TYPE_CHECKING:
     import keras
@@ -95,10 +95,11 @@ class Classifier:
     ) -> "Classifier":
         """Read the card, check the weights' SHA-256, build the network and load the weights.
 
-        with_ood=False skips the card's OOD model (for refitting it). precision: "auto", "float32", "bfloat16"
-        or "int8" (default: $PAPCAD_INFERENCE_PRECISION, else auto; see `runtime.resolve_precision`: int8 runs
-        on LiteRT, without TensorFlow; the others build the Keras network); max_images_per_pass bounds the
-        network inputs (cells x TTA views) of one forward call (default: $PAPCAD_INFERENCE_MAX_IMAGES_PER_PASS).
+        with_ood=False skips the card's OOD model (for refitting it). precision: "auto", "float32", "bfloat16",
+        "int8" or "float16" (default: $PAPCAD_INFERENCE_PRECISION, else auto; see `runtime.resolve_precision`:
+        int8 and float16 run on LiteRT, without TensorFlow; the others build the Keras network);
+        max_images_per_pass bounds the network inputs (cells x TTA views) of one forward call (default:
+        $PAPCAD_INFERENCE_MAX_IMAGES_PER_PASS).
 
         Raises ModelIntegrityError for anything wrong with the directory, never a bare KeyError.
         """
@@ -111,9 +112,9 @@ class Classifier:
                 raise ValueError(f"unexpected classes {card['class_names']}")
             spec = InputSpec.from_dict(card["input"])
             tta = card.get("tta", "none")
-            if chosen == "int8":
+            if chosen in LITE_PRECISIONS:
                 predictor: Predictor | LitePredictor = _lite_predictor(
-                    model_dir, card, tta, batch_size, max_images_per_pass
+                    model_dir, card, chosen, tta, batch_size, max_images_per_pass
                 )
             else:
                 predictor = _keras_predictor(card, weights_path, chosen, tta, batch_size, max_images_per_pass)
@@ -260,17 +261,17 @@ def _routing(
 
 
 def _lite_predictor(
-    model_dir: Path, card: dict[str, Any], tta: Any, batch_size: int, max_images: int | None
+    model_dir: Path, card: dict[str, Any], precision: Precision, tta: Any, batch_size: int, max_images: int | None
 ) -> "LitePredictor":
-    """The int8 network on LiteRT (no TensorFlow in the process)."""
+    """The card's LiteRT network of that precision (no TensorFlow in the process)."""
     from app.ml.lite import LitePredictor
 
-    path = verified_serving_path(model_dir, card, "int8")
-    section = card["serving"]["int8"]
+    path = verified_serving_path(model_dir, card, precision)
+    section = card["serving"][precision]
     if path is None or section["weights_sha256"] != card["weights_sha256"]:
-        raise ValueError("the int8 serving file was not made from these weights (run papcad export)")
+        raise ValueError(f"the {precision} serving file was not made from these weights (run papcad export)")
     dims = tuple(section["feature_dims"])
-    return LitePredictor(path, tta, dims, batch_size=batch_size, max_images=max_images)
+    return LitePredictor(path, tta, dims, batch_size=batch_size, max_images=max_images, precision=precision)
 
 
 def keras_network(card: dict[str, Any], weights_path: Path, precision: Precision = "float32") -> "keras.Model":

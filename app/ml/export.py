@@ -1,13 +1,16 @@
-"""`papcad export`: the int8 LiteRT network of a model directory, checked against the Keras network.
+"""`papcad export`: the LiteRT network of a model directory, checked against the Keras network.
 
 1. `model.lite_network` (uint8 pixels in; probabilities, guard features and class maps out) is converted with
    LiteRT's dynamic-range quantisation: weights stored as int8, activations computed in float.
 2. Both networks score the same cells (the card's test split, or the caller's held-out cells) with the card's
    test-time views, calibration and cut-off: 7-class accuracy, ROC AUC, sensitivity and specificity at the
    cut-off, calls that change, typical-cell verdicts that change, and the time per cell of each.
-3. The card's "serving" section names the file, its SHA-256 and the weights it was made from, and records the
-   check; "auto" is "int8" only when int8 loses at most MAX_POINTS_LOST of 7-class accuracy and of sensitivity
-   at the cut-off. Servers on `PAPCAD_INFERENCE_PRECISION=auto` follow it.
+3. Where int8 loses more than MAX_POINTS_LOST of 7-class accuracy or of sensitivity at the cut-off, the network
+   is converted again with float16 weights (float32 arithmetic on CPUs without float16) and checked the same
+   way: about as fast as the Keras network, but served without TensorFlow, in a third of its memory.
+4. The card's "serving" section names each file, its SHA-256 and the weights it was made from, and records
+   the checks; "auto" is "int8" when int8 passed, else "float16" when float16 passed, else "float32".
+   Servers on `PAPCAD_INFERENCE_PRECISION=auto` follow it.
 """
 
 import time
@@ -26,16 +29,23 @@ from app.ml.lite import LitePredictor
 from app.ml.model import lite_network
 from app.ml.ood_fit import check_dataset
 from app.ml.preprocessing import InputSpec
+from app.ml.runtime import Precision
 
-INT8_FILE = "serving_int8.tflite"
+LITE_FILES: dict[Precision, str] = {"int8": "serving_int8.tflite", "float16": "serving_float16.tflite"}
+INT8_FILE = LITE_FILES["int8"]
 MAX_POINTS_LOST = 0.5
-METHOD = "LiteRT dynamic-range quantisation (int8 weights, float activations) of model.lite_network"
+METHODS: dict[Precision, str] = {
+    "int8": "LiteRT dynamic-range quantisation (int8 weights, float activations) of model.lite_network",
+    "float16": "LiteRT float16 weights (float32 arithmetic where the CPU has no float16) of model.lite_network",
+}
 
 
-def convert_int8(classifier: Classifier, path: Path) -> None:
-    """Write the classifier's Keras network as an int8 LiteRT file."""
+def convert_lite(classifier: Classifier, path: Path, precision: Precision = "int8") -> None:
+    """Write the classifier's Keras network as a LiteRT file with int8 or float16 weights."""
     converter = tf.lite.TFLiteConverter.from_keras_model(lite_network(classifier.network))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if precision == "float16":
+        converter.target_spec.supported_types = [tf.float16]
     path.write_bytes(converter.convert())
 
 
@@ -73,7 +83,59 @@ def _summary(classifier: Classifier, scored: Scored, labels: np.ndarray) -> tupl
     return summary, np.c_[probs.argmax(axis=1), typical]
 
 
-def export_int8(
+@dataclass(frozen=True)
+class CheckCells:
+    """The cells a LiteRT network is checked on, and the float32 network's answers on them."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    described: str
+    reference: dict[str, Any]
+    reference_calls: np.ndarray
+
+
+def _convert_and_check(
+    keras_model: Classifier, card: dict[str, Any], precision: Precision, cells: CheckCells
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write the LiteRT file of that precision and check it against the float32 network: (file entry, check)."""
+    path = keras_model.model_dir / LITE_FILES[precision]
+    convert_lite(keras_model, path, precision)
+    dims = keras_model.predictor.feature_dims
+    lite = Classifier(
+        keras_model.model_dir,
+        card,
+        LitePredictor(path, keras_model.predictor.tta, dims, precision=precision),
+        keras_model.ood,
+    )
+    ours, calls = _summary(lite, score(lite, cells.pixels), cells.labels)
+    reference = cells.reference
+    lost = 100 * (reference["accuracy_7class"] - ours["accuracy_7class"])
+    lost_sensitivity = 100 * ((reference["cutoff_sensitivity"] or 0.0) - (ours["cutoff_sensitivity"] or 0.0))
+    entry = {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "weights_sha256": card["weights_sha256"],
+        "feature_dims": list(dims),
+        "method": METHODS[precision],
+        "runtime": "LiteRT (ai-edge-litert)",
+    }
+    check = {
+        "cells": cells.described,
+        "n": int(len(cells.labels)),
+        "float32": reference,
+        precision: ours,
+        "points_lost_7class": lost,
+        "points_lost_sensitivity": lost_sensitivity,
+        "calls_changed": int(np.sum(cells.reference_calls[:, 0] != calls[:, 0])),
+        "typical_verdicts_changed": int(np.sum(cells.reference_calls[:, 1] != calls[:, 1])),
+        f"speed_{precision}_over_float32": reference["seconds_per_cell"] / ours["seconds_per_cell"],
+        "bar": f"at most {MAX_POINTS_LOST} points of 7-class accuracy and of sensitivity at the cut-off lost",
+        "passed": lost <= MAX_POINTS_LOST and lost_sensitivity <= MAX_POINTS_LOST,
+    }
+    return entry, check
+
+
+def export_lite(
     model_dir: Path, pixels: np.ndarray, labels: np.ndarray, checked_on: str, float32: Scored | None = None
 ) -> dict[str, Any]:
     """Convert, check on (pixels, labels) and record; returns the card's new "serving" section.
@@ -82,54 +144,30 @@ def export_int8(
     """
     model_dir = Path(model_dir)
     keras_model = Classifier.load(model_dir, precision="float32")
-    path = model_dir / INT8_FILE
-    convert_int8(keras_model, path)
     card = read_card(model_dir)
-    lite = Classifier(
-        model_dir,
-        card,
-        LitePredictor(path, keras_model.predictor.tta, keras_model.predictor.feature_dims),
-        keras_model.ood,
-    )
-    reference, ref_calls = _summary(keras_model, float32 if float32 is not None else score(keras_model, pixels), labels)
-    int8, int8_calls = _summary(lite, score(lite, pixels), labels)
-    lost = 100 * (reference["accuracy_7class"] - int8["accuracy_7class"])
-    lost_sensitivity = 100 * ((reference["cutoff_sensitivity"] or 0.0) - (int8["cutoff_sensitivity"] or 0.0))
-    passed = lost <= MAX_POINTS_LOST and lost_sensitivity <= MAX_POINTS_LOST
-    section = {
-        "int8": {
-            "file": INT8_FILE,
-            "sha256": sha256_file(path),
-            "weights_sha256": card["weights_sha256"],
-            "feature_dims": list(keras_model.predictor.feature_dims),
-            "method": METHOD,
-            "runtime": "LiteRT (ai-edge-litert)",
-        },
-        "check": {
-            "cells": checked_on,
-            "n": int(len(labels)),
-            "float32": reference,
-            "int8": int8,
-            "points_lost_7class": lost,
-            "points_lost_sensitivity": lost_sensitivity,
-            "calls_changed": int(np.sum(ref_calls[:, 0] != int8_calls[:, 0])),
-            "typical_verdicts_changed": int(np.sum(ref_calls[:, 1] != int8_calls[:, 1])),
-            "speed_int8_over_float32": reference["seconds_per_cell"] / int8["seconds_per_cell"],
-            "bar": f"at most {MAX_POINTS_LOST} points of 7-class accuracy and of sensitivity at the cut-off lost",
-            "passed": passed,
-        },
-        "auto": "int8" if passed else "float32",
-    }
+    scored = float32 if float32 is not None else score(keras_model, pixels)
+    reference, reference_calls = _summary(keras_model, scored, labels)
+    cells = CheckCells(pixels, labels, checked_on, reference, reference_calls)
+    int8, check = _convert_and_check(keras_model, card, "int8", cells)
+    section: dict[str, Any] = {"int8": int8, "check": check, "auto": "int8" if check["passed"] else "float32"}
+    float16_path = model_dir / LITE_FILES["float16"]
+    if check["passed"]:
+        float16_path.unlink(missing_ok=True)  # from an earlier export of other weights
+    else:
+        float16, float16_check = _convert_and_check(keras_model, card, "float16", cells)
+        section |= {"float16": float16, "float16_check": float16_check}
+        if float16_check["passed"]:
+            section["auto"] = "float16"
     card["serving"] = section
     write_card(model_dir, card)
     return section
 
 
 def export_model_dir(model_dir: Path, dataset: Dataset) -> dict[str, Any]:
-    """`papcad export`: the int8 network, checked on the card's own grouped test split."""
+    """`papcad export`: the LiteRT network(s), checked on the card's own grouped test split."""
     card = read_card(model_dir)
     check_dataset(card, dataset)
     split_info = card["data"]["split"]
     split = fixed_split(dataset, split_info["seed"], val_folds=split_info["val_folds"])
     pixels, labels = load_arrays(dataset.subset(split.test), InputSpec.from_dict(card["input"]), progress=False)
-    return export_int8(model_dir, pixels, labels, "the card's grouped test split")
+    return export_lite(model_dir, pixels, labels, "the card's grouped test split")

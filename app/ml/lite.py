@@ -1,10 +1,12 @@
-"""The int8 network on LiteRT: the serving path without TensorFlow.
+"""The network on LiteRT: the serving path without TensorFlow.
 
 `papcad export` converts a model's Keras network to a LiteRT (TensorFlow Lite) file with int8 weights
 (dynamic-range quantisation: activations stay float) and checks it against the Keras network on the test
-split; the card's "serving" section names the file, its SHA-256 and that check. This predictor runs it with
-the same test-time views and the same per-pass bound as `inference.Predictor`, and answers the same questions:
-probabilities, the stage features of the typical-cell guard, and the class-activation map.
+split; where that check fails, it also writes one with float16 weights (computed in float32 on CPUs without
+float16 arithmetic) and checks that. The card's "serving" section names the files, their SHA-256 and checks.
+This predictor runs either with the same test-time views and the same per-pass bound as
+`inference.Predictor`, and answers the same questions: probabilities, the stage features of the typical-cell
+guard, and the class-activation map.
 
 The file's one signature takes uint8 pixels (n, size, size, 3) and returns "probs" (n, classes),
 "features" (n, sum of the stage widths) and "class_maps" (n, h, w, classes): the last block's maps times the
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from app.ml.runtime import TTA, VIEW_INDICES, ViewAverage, max_images_per_pass, numpy_view
+from app.ml.runtime import TTA, VIEW_INDICES, Precision, ViewAverage, max_images_per_pass, numpy_view
 
 
 def cpu_threads() -> int:
@@ -31,9 +33,10 @@ def cpu_threads() -> int:
 
 
 class LitePredictor(ViewAverage):
-    """`inference.Predictor`'s interface over a LiteRT file. One interpreter, used by one thread at a time."""
+    """`inference.Predictor`'s interface over a LiteRT file. One interpreter, used by one thread at a time.
 
-    precision = "int8"
+    precision names the file's weights ("int8" or "float16"), as /readyz reports it.
+    """
 
     def __init__(
         self,
@@ -42,10 +45,12 @@ class LitePredictor(ViewAverage):
         feature_dims: tuple[int, ...] = (),
         batch_size: int = 32,
         max_images: int | None = None,
+        precision: Precision = "int8",
     ):
         if tta not in VIEW_INDICES:
             raise ValueError(f"unknown test-time augmentation {tta!r}")
         self.tta = tta
+        self.precision = precision
         self.n_views = len(VIEW_INDICES[tta])
         self.batch_size = batch_size
         self.cells_per_pass = max(1, max_images_per_pass(max_images) // self.n_views)

@@ -1,8 +1,8 @@
 """How a model runs: its test-time views and its arithmetic, decided without importing TensorFlow.
 
-A server that serves the int8 network (`app.ml.lite`, LiteRT) never loads TensorFlow; one that serves
-float32 or bfloat16 builds the Keras network (`app.ml.inference`). The choice is made here, from the setting
-and the model card, before either is imported.
+A server that serves a LiteRT network (`app.ml.lite`: int8 weights, or float16 weights where int8 failed its
+check) never loads TensorFlow; one that serves float32 or bfloat16 builds the Keras network
+(`app.ml.inference`). The choice is made here, from the setting and the model card, before either is imported.
 """
 
 import os
@@ -12,8 +12,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 TTA = Literal["none", "flips4", "dihedral8"]
-Precision = Literal["float32", "bfloat16", "int8"]
-PrecisionSetting = Literal["auto", "float32", "bfloat16", "int8"]
+Precision = Literal["float32", "bfloat16", "int8", "float16"]
+PrecisionSetting = Literal["auto", "float32", "bfloat16", "int8", "float16"]
+# The precisions served from a LiteRT file named in the card's "serving" section (`app.ml.export`).
+LITE_PRECISIONS: tuple[Precision, ...] = ("int8", "float16")
 
 # Which of the eight dihedral views (index k < 4: turned k quarter turns; k >= 4: mirrored left-right,
 # then turned k - 4 quarter turns) each setting averages. flips4 = original, mirrored, upside down, both.
@@ -81,18 +83,19 @@ def check_setting(setting: str | None = None) -> str:
 def resolve_precision(setting: str | None = None, card: dict[str, Any] | None = None) -> Precision:
     """The arithmetic to run a model in.
 
-    "auto": int8 when the card's "serving" section names an int8 network whose check passed (`export`), else
-    bfloat16 on CPUs with bfloat16 instructions (when AUTO_BF16), else float32. "int8" asked for a model
-    without an int8 network runs float32 (a registry may hold older versions); /readyz says which runs.
+    "auto": the LiteRT network the card's "serving" section chose (`export`: int8 when its check passed, else
+    float16 weights when theirs did), else bfloat16 on CPUs with bfloat16 instructions (when AUTO_BF16), else
+    float32. "int8" or "float16" asked for a model without that file runs float32 (a registry may hold older
+    versions); /readyz says which runs.
     """
     setting = check_setting(setting)
     serving = (card or {}).get("serving") or {}
-    has_int8 = bool(serving.get("int8"))
     if setting == "auto":
-        if has_int8 and serving.get("auto") == "int8":
-            return "int8"
+        chosen = serving.get("auto")
+        if chosen in LITE_PRECISIONS and serving.get(chosen):
+            return chosen  # type: ignore[no-any-return]
         return "bfloat16" if AUTO_BF16 and cpu_has_bf16() else "float32"
-    if setting == "int8" and not has_int8:
+    if setting in LITE_PRECISIONS and not serving.get(setting):
         return "float32"
     return setting  # type: ignore[return-value]
 
