@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # A checkout, an editable install and the test suite keep migrations/ and model_store/ beside the package; a
 # non-editable install (the Docker image) does not, and names their folder in PAPCAD_RESOURCE_DIR instead.
 BESIDE_PACKAGE = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL = Path("model_store") / "resnet50-herlev-r128-v3"
+BUNDLED_MODEL = Path("model_store") / "resnet50-herlev-r128-v4"
 DEFAULT_MODEL_DIR = BESIDE_PACKAGE / BUNDLED_MODEL
 
 
@@ -102,10 +102,10 @@ class Settings(BaseSettings):
     )
     # Read from the environment by app.ml.runtime when a model is loaded (server, workers, registry reloads);
     # declared here so that a wrong value stops start-up with a clear message.
-    inference_precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+    inference_precision: Literal["auto", "float32", "bfloat16", "int8", "float16"] = Field(
         default="auto",
-        description="Network arithmetic: auto = the model card's choice (int8 on LiteRT when its check passed), "
-        "else float32.",
+        description="Network arithmetic: auto = the model card's choice (on LiteRT: int8 weights when their check "
+        "passed, else float16 weights when theirs did), else float32.",
     )
     inference_max_images_per_pass: int = Field(
         default=8, ge=1, description="Network inputs (cells x test-time views) per forward call; bounds peak memory."
