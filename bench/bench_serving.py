@@ -30,14 +30,19 @@ from pathlib import Path
 from common import HERLEV_DIR, REPO_ROOT, herlev_cells, load_average, machine_info, repo_relative, write_json
 
 from app.ml.artifact import read_card
-from app.ml.runtime import DEFAULT_MAX_IMAGES_PER_PASS, PRECISION_ENV, cpu_has_bf16, resolve_precision
+from app.ml.runtime import (
+    DEFAULT_MAX_IMAGES_PER_PASS,
+    LITE_PRECISIONS,
+    PRECISION_ENV,
+    cpu_has_bf16,
+    resolve_precision,
+)
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "serving.json"
 BATCH = 32
 ROUND_SECONDS = 6.0
 ROUNDS = 3
 PRECISIONS = ("float32", "bfloat16", "int8", "float16")
-LITE = ("int8", "float16")
 # The issue's bars: loaded RSS and peak after a batch of 32 (MiB); reduced precision: speed-up at accuracy lost.
 MAX_LOADED_MIB, MAX_PEAK_MIB = 600, 900
 MIN_SPEEDUP, MAX_POINTS_LOST = 1.8, 0.5
@@ -198,7 +203,7 @@ def child(script: str, args: list[str], extra_env: dict[str, str] | None = None)
 def precisions(card: dict) -> list[str]:
     """The precisions this model can serve: the Keras ones and the LiteRT files its card names."""
     serving = card.get("serving") or {}
-    return [p for p in PRECISIONS if p not in LITE or serving.get(p)]
+    return [p for p in PRECISIONS if p not in LITE_PRECISIONS or serving.get(p)]
 
 
 def memory(model_dir: Path, files: list[Path]) -> dict:
@@ -264,7 +269,7 @@ def throughput(model_dir: Path, pixels) -> dict:
         for tta in VIEW_INDICES:
             contenders[f"serving_{precision}_{tta}"] = Predictor(model, tta, precision=precision)
     card = read_card(model_dir)
-    lite = [p for p in precisions(card) if p in LITE]
+    lite = [p for p in precisions(card) if p in LITE_PRECISIONS]
     for precision in lite:
         section = card["serving"][precision]
         for tta in VIEW_INDICES:
@@ -404,7 +409,7 @@ def table(result: dict) -> str:
     lines += [
         f"  {precision} / float32, serving: "
         + ", ".join(f"{k} {v:.2f}x" for k, v in thr[f"{precision}_over_float32_serving"].items())
-        for precision in LITE
+        for precision in LITE_PRECISIONS
         if f"{precision}_over_float32_serving" in thr
     ]
     lines += [

@@ -339,7 +339,7 @@ def adapt(
         del adapted
         with _timed(minutes, "int8_export"):
             card["serving"] = export_lite(work, x_test, y_test, "held-out site accessions", site_after)
-            Classifier.load(work)  # as a server will load it: weights, typical-cell model and int8 network checked
+            Classifier.load(work)  # as a server will load it: weights, typical-cell model and LiteRT network checked
         card["adaptation"]["minutes"] = round((time.monotonic() - started) / 60, 1)
         card["adaptation"]["minutes_by_phase"] = {name: round(value, 2) for name, value in minutes.items()}
         write_card(work, card)
