@@ -120,24 +120,19 @@ def tta_choice(
     }
 
 
-def shifted_p_abnormal(
-    classifier: Classifier, dataset: Dataset, indices: np.ndarray, temperature: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated P(abnormal) of the cells under each shift of the suite but "none" (shifts x cells), and the
-    cells' abnormal flags. Same preprocessing and view average as serving; the temperature is the one just fitted.
-    """
-    from app.ml.preprocessing import decode_image
-    from app.ml.robustness import shifted_pixels
+def shifted_p_abnormal(classifier: Classifier, subset: Dataset, temperature: float) -> np.ndarray:
+    """Calibrated P(abnormal) of the cells under each shift of the suite but "none" (shifts x cells). Same
+    preprocessing and view average as serving; the temperature is the one just fitted."""
+    from app.ml.robustness import crops, shifted_pixels
     from app.ml.shifts import standard_shifts
 
-    subset = dataset.subset(indices)
-    images = [decode_image(sample.path.read_bytes()) for sample in subset.samples]
+    images = crops(subset)
     shifts = [shift for shift in standard_shifts(images) if shift.name != "none"]
     rows = []
     for _, pixels in shifted_pixels(images, shifts, classifier.spec):
         raw = classifier.predictor.with_features(pixels)[0]
         rows.append(cal.apply_temperature(raw, temperature)[:, ABNORMAL_MASK].sum(axis=1))
-    return np.stack(rows), ABNORMAL_MASK[subset.labels]
+    return np.stack(rows)
 
 
 def pooled_cutoff(p_plain: np.ndarray, p_shifted: np.ndarray, abnormal: np.ndarray) -> tuple[float, dict[str, float]]:
@@ -201,7 +196,7 @@ def evaluate_model_dir(model_dir: Path, dataset: Dataset, cutoff_under_shifts: b
         threshold = cal.choose_abnormal_threshold(p_val, abnormal_val, TARGET_SENSITIVITY)
         under_shifts: dict[str, float] | None = None
         if cutoff_under_shifts:
-            p_shifted, _ = shifted_p_abnormal(classifier, dataset, split.val, temperature)
+            p_shifted = shifted_p_abnormal(classifier, dataset.subset(split.val), temperature)
             threshold, under_shifts = pooled_cutoff(p_val, p_shifted, abnormal_val)
         val_sens, val_spec = cal.sensitivity_specificity(p_val, abnormal_val, threshold)
         calibration = {

@@ -49,6 +49,11 @@ def shift_metrics(
     }
 
 
+def crops(subset: Dataset) -> list[Image.Image]:
+    """The cells' images as an upload would bring them: decoded, not yet shifted or resized."""
+    return [decode_image(sample.path.read_bytes()) for sample in subset.samples]
+
+
 def shifted_pixels(
     images: list[Image.Image], shifts: list[Shift], spec: InputSpec
 ) -> Iterator[tuple[Shift, np.ndarray]]:
@@ -138,7 +143,7 @@ def robustness_model_dir(
     indices = parts.test if split == "test" else parts.val
     indices = indices[:limit] if limit else indices
     subset = dataset.subset(indices)
-    images = [decode_image(s.path.read_bytes()) for s in subset.samples]
+    images = crops(subset)
     threshold = classifier.abnormal_threshold
     rows = run_shifts(classifier, images, subset.labels, standard_shifts(images), threshold)
 
